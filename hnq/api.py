@@ -1,0 +1,99 @@
+"""Build, save and load float and quantized models from HNQ checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from models import QuantConfig, build_float_model, quantize_model
+from models.builtin import PixelClassifier
+
+from .io import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from .plan import Plan, PlanError, apply_plan
+
+
+def quant_config_from_bits(bits: dict[str, int]) -> QuantConfig:
+    return QuantConfig(act_bits=bits["activation"], weight_bits=bits["weight"], residual_bits=bits["residual"],
+                       softmax_bits=bits["softmax"], logits_bits=bits["logits"])
+
+
+def bits_from_quant_config(cfg: QuantConfig) -> dict[str, int]:
+    return {"activation": cfg.act_bits, "weight": cfg.weight_bits, "residual": cfg.residual_bits,
+            "softmax": cfg.softmax_bits, "logits": cfg.logits_bits}
+
+
+def load_float_model(path: str | Path) -> tuple[PixelClassifier, dict[str, Any]]:
+    payload = load_checkpoint(path, expect_kind="float")
+    model = build_float_model(payload["arch"])
+    load_state_strict(model, payload["state_dict"], str(path))
+    model.eval()
+    return model, payload
+
+
+def save_float_model(path: str | Path, model: PixelClassifier, arch: dict[str, Any], **extra: Any) -> Path:
+    return save_checkpoint(path, "float", arch, model.state_dict(), **extra)
+
+
+def quantize(float_model: PixelClassifier, plan: Plan) -> nn.Module:
+    """Wrap a float model in its integer-only model with the plan's bits and schemes."""
+    qmodel = quantize_model(float_model, quant_config_from_bits(plan.bits))
+    apply_plan(plan, qmodel.sites())
+    return qmodel
+
+
+def save_quantized_model(path: str | Path, qmodel: nn.Module, plan: Plan, arch: dict[str, Any],
+                         float_model: PixelClassifier | None = None, **extra: Any) -> Path:
+    """Save the QAT model with every quantization constant, its plan and (optionally) its float parent."""
+    if float_model is not None:
+        extra["float_state_dict"] = {k: v.detach().cpu() for k, v in float_model.state_dict().items()}
+    return save_checkpoint(path, "quantized", arch, qmodel.state_dict(), plan=plan.to_dict(), **extra)
+
+
+def load_quantized_model(path: str | Path, plan: Plan | None = None,
+                         allow_plan_change: bool = False) -> tuple[nn.Module, Plan, dict[str, Any]]:
+    """Rebuild a quantized model from its checkpoint, in eval (integer reference) mode.
+
+    With `plan`, the plan must name the same bits and schemes the model was trained with,
+    unless `allow_plan_change` (the export then differs from what QAT trained).
+    """
+    payload = load_checkpoint(path, expect_kind="quantized")
+    if "plan" not in payload:
+        raise CheckpointError(f"quantized checkpoint {path} has no plan entry; re-create it with hnq")
+    trained_plan = Plan.from_dict(payload["plan"], source=f"{path} (embedded plan)")
+    if plan is not None and not allow_plan_change:
+        differences = plan_differences(trained_plan, plan)
+        if differences:
+            raise PlanError("given with --plan", [
+                *differences,
+                "the model was trained with another plan; pass the plan written next to the checkpoint, "
+                "or --allow-plan-change to export a model that differs from what was trained",
+            ])
+    use_plan = plan or trained_plan
+    float_model = build_float_model(payload["arch"])
+    qmodel = quantize(float_model, use_plan)
+    load_state_strict(qmodel, payload["state_dict"], str(path))
+    qmodel.eval()
+    return qmodel, use_plan, payload
+
+
+def load_float_parent(payload: dict[str, Any], source: str) -> PixelClassifier | None:
+    """The float model a quantized checkpoint was fine-tuned from, if it was saved with it."""
+    if "float_state_dict" not in payload:
+        return None
+    model = build_float_model(payload["arch"])
+    load_state_strict(model, payload["float_state_dict"], f"{source} (float parent)")
+    model.eval()
+    return model
+
+
+def plan_differences(trained: Plan, given: Plan) -> list[str]:
+    problems = []
+    if trained.bits != given.bits:
+        problems.append(f"$.bits: the model was trained with {trained.bits}, the plan says {given.bits}")
+    for site in sorted(set(trained.sites) & set(given.sites)):
+        if trained.scheme_for(site) != given.scheme_for(site):
+            problems.append(f"$.sites[{site!r}].scheme: the model was trained with "
+                            f"{trained.scheme_for(site)!r}, the plan says {given.scheme_for(site)!r}")
+    return problems

@@ -1,0 +1,159 @@
+"""Command line: the `hnq` group and the fixed commands `hnq-export` and `hnq-eval`.
+
+Exit codes: 0 success, 2 bad input (a wrong plan, checkpoint, data set or path; the message
+says what to fix), 1 an internal failure (a bug: please report it with the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from .data import DataError
+from .io import CheckpointError, OutputPathError
+from .plan import PlanError
+from .schemes.registry import SchemeError
+
+EXIT_BAD_INPUT = 2
+
+_USER_ERRORS = (PlanError, CheckpointError, OutputPathError, SchemeError, DataError)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from .evaluate import ModelFileError
+
+    return (*_USER_ERRORS, ModelFileError)
+
+
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _report_user_errors(func):
+    """Turn HNQ's bad-input errors into a one-paragraph message and exit code 2."""
+
+    @wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except _user_errors() as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+
+    return wrapper
+
+
+def _logging_options(func):
+    func = click.option("--quiet", "-q", is_flag=True, help="Show warnings and errors only.")(func)
+    func = click.option("--verbose", "-v", is_flag=True, help="Show debug messages.")(func)
+    return func
+
+
+@click.group()
+def main() -> None:
+    """HNQ: integer-only Vision Transformers with mixed non-linear quantization."""
+
+
+@main.command("demo")
+@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("runs/demo"), show_default=True,
+              help="Folder for every artefact: checkpoints, plan.json, the ONNX model, images, eval.json.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder with the four Fashion-MNIST idx files (default: /usr/share/datasets/fashion-mnist).")
+@click.option("--epochs", type=float, default=4.0, show_default=True, help="Float training epochs.")
+@click.option("--qat-epochs", type=float, default=0.5, show_default=True, help="QAT epochs (fractions allowed).")
+@click.option("--bits", type=click.IntRange(4, 8), default=8, show_default=True, help="Activation bits.")
+@click.option("--calib-batches", type=click.IntRange(1), default=8, show_default=True,
+              help="Calibration batches before QAT.")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Training batch size.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--max-minutes", type=float, default=None, help="Time budget of the float training, in minutes.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_logging_options
+@_report_user_errors
+def demo_command(output, data_dir, epochs, qat_epochs, bits, calib_batches, batch_size, seed, max_minutes,
+                 no_progress, verbose, quiet) -> None:
+    """Run the main job on the built-in default (Fashion-MNIST, small ViT), end to end."""
+    from .pipeline import DemoConfig, run_demo
+
+    _configure_logging(verbose, quiet)
+    report = run_demo(DemoConfig(output=output, data_dir=data_dir, epochs=epochs, qat_epochs=qat_epochs,
+                                 act_bits=bits, calib_batches=calib_batches, batch_size=batch_size, seed=seed,
+                                 max_minutes=max_minutes, progress=not no_progress))
+    click.echo(report.table())
+    click.echo(f"wrote {output / 'eval.json'}")
+    if report.mismatched:
+        click.echo(f"error: {report.mismatched} images differ between ONNX Runtime and the integer reference",
+                   err=True)
+        sys.exit(1)
+
+
+@click.command("hnq-export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
+              help="plan.json to export with (default: the plan stored in the checkpoint).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
+@click.option("--allow-plan-change", is_flag=True,
+              help="Export with a plan that differs from the one the model was trained with.")
+@_logging_options
+@_report_user_errors
+def export_command(checkpoint, plan_path, output, allow_plan_change, verbose, quiet) -> None:
+    """Export a quantized checkpoint (model.pt) to an integer-only ONNX model."""
+    from .io import check_output_path
+    from .pipeline import export_from_checkpoint
+    from .plan import Plan
+
+    _configure_logging(verbose, quiet)
+    check_output_path(output)
+    plan = Plan.load(plan_path) if plan_path is not None else None
+    result = export_from_checkpoint(checkpoint, output, plan, allow_plan_change)
+    click.echo(f"wrote {result.path} ({result.nodes} nodes, {result.bytes / 1024:.1f} KiB)")
+
+
+@click.command("hnq-eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--imagenet", "--images", "image_dir", type=click.Path(path_type=Path), required=True,
+              help="Image folder with one sub-folder per class (the ImageNet validation layout).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint holding the PyTorch integer reference (default: the one recorded at export).")
+@click.option("--no-reference", is_flag=True, help="Skip the PyTorch reference and the bit-exact check.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per batch.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate only the first N images.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="onnxruntime execution provider; auto takes CUDA where present.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report as JSON.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@_logging_options
+@_report_user_errors
+def eval_command(model, image_dir, checkpoint, no_reference, batch_size, limit, provider, json_path, no_progress,
+                 verbose, quiet) -> None:
+    """Evaluate an HNQ ONNX model on an image folder and check it bit for bit against PyTorch."""
+    from .evaluate import evaluate, write_report
+    from .io import check_output_path
+
+    _configure_logging(verbose, quiet)
+    if json_path is not None:
+        check_output_path(json_path)
+    report = evaluate(model, image_dir, checkpoint=checkpoint, reference=not no_reference, batch_size=batch_size,
+                      limit=limit, provider=provider, progress=not no_progress)
+    click.echo(report.table())
+    if json_path is not None:
+        write_report(report, json_path)
+        click.echo(f"wrote {json_path}")
+    if report.mismatched:
+        click.echo(f"error: {report.mismatched} of {report.compared} images differ between ONNX Runtime and the "
+                   f"integer reference (first: {report.first_mismatch})", err=True)
+        sys.exit(1)
+
+
+main.add_command(export_command, name="export")
+main.add_command(eval_command, name="eval")
+
+
+if __name__ == "__main__":
+    main()
+

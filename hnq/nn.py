@@ -1,0 +1,346 @@
+"""Quantized building blocks of an integer-only transformer, each with three paths.
+
+- `forward` in training mode: QAT, real values on the quantization grid, straight-through
+  gradients;
+- `forward` in eval mode: the integer reference on int64 codes;
+- `to_onnx(builder, x)`: the same integer steps as ONNX nodes.
+
+Integer matmuls run as float64 matmuls of codes. They are exact: every product of an
+int8 (or int6) code with an int8 weight is below 2^14 in magnitude (2^22 for a 16-bit
+softmax probability times an int8 value), and a sum of K of them stays below 2^53 for any
+K below 2^31, far above any row length or width used here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from onnx import TensorProto
+
+from .intops import round_shift
+from .onnx_builder import GraphBuilder
+from .quant import ActQuantizer, QTensor, fake_quantize, fake_quantize_weight, quantize_weight, safe_dyadic, weight_scales
+from .schemes.base import SchemeConstants, SiteInput
+from .schemes.registry import get_scheme
+
+# Sums of exact float64 matmuls must stay below this for the float64 route to be exact.
+FLOAT64_EXACT_LIMIT = 2**53
+
+
+def exact_int_matmul(a: torch.Tensor, b: torch.Tensor, bound: int) -> torch.Tensor:
+    """a @ b on integer codes via float64; `bound` is the proven max |result|."""
+    if bound >= FLOAT64_EXACT_LIMIT:
+        raise OverflowError(f"integer matmul bound {bound} exceeds 2^53: float64 would round")
+    return torch.matmul(a.double(), b.double()).to(torch.int64)
+
+
+def requant_params(in_scale, out_scale: float, in_bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dyadic (multiplier, shift) per element of `in_scale / out_scale`, as int64 arrays."""
+    ratios = np.atleast_1d(np.asarray(in_scale, dtype=np.float64)) / out_scale
+    pairs = [safe_dyadic(float(r), in_bound) for r in ratios]
+    multipliers = np.array([p.multiplier for p in pairs], dtype=np.int64)
+    shifts = np.array([p.shift for p in pairs], dtype=np.int64)
+    if np.ndim(in_scale) == 0:
+        return multipliers[0], shifts[0]
+    return multipliers, shifts
+
+
+def requantize_codes(codes: torch.Tensor, multiplier, shift, lo: int, hi: int) -> torch.Tensor:
+    m = torch.as_tensor(multiplier, dtype=torch.int64)
+    s = torch.as_tensor(shift, dtype=torch.int64)
+    return round_shift(codes.to(torch.int64) * m, s).clamp(lo, hi)
+
+
+def quantizer_requantize(quant: ActQuantizer, acc: torch.Tensor, acc_scale, acc_bound: int) -> QTensor:
+    """Integer mode: rescale accumulator codes (scalar or per-channel scale) onto `quant`'s grid."""
+    m, s = requant_params(acc_scale, quant.scale, acc_bound)
+    codes = requantize_codes(acc, m, s, quant.code_min, quant.code_max)
+    return QTensor(codes, quant.scale, quant.bits, quant.signed)
+
+
+def quantizer_requantize_onnx(b: GraphBuilder, quant: ActQuantizer, acc: str, acc_scale, acc_bound: int) -> QTensor:
+    m, s = requant_params(acc_scale, quant.scale, acc_bound)
+    return QTensor(b.requantize(acc, m, s, quant.code_min, quant.code_max), quant.scale, quant.bits, quant.signed)
+
+
+def matmul_integer_onnx(b: GraphBuilder, a: QTensor, weight_codes: np.ndarray | None = None,
+                        b_tensor: str | None = None) -> str:
+    """int64 result of A @ B with A's codes in `a` (int64 tensor) and B int8 codes.
+
+    B is a constant (`weight_codes`, shape [K, N]) or a runtime int64 tensor `b_tensor`.
+    A signed 8-bit A is shifted to uint8 with zero point 128 (MatMulInteger's u8 x s8 form
+    is the fast one on CPU and stays exact); an unsigned A wider than 8 bits is split into
+    bytes, A = 256*hi + lo, and recombined in int64.
+    """
+    if weight_codes is not None:
+        b_name = b.const(weight_codes.astype(np.int8), dtype=np.int8, name="weight")
+    else:
+        b_name = b.cast(b_tensor, TensorProto.INT8)
+    if a.signed:
+        if a.bits > 8:
+            raise NotImplementedError("signed matmul inputs wider than 8 bits are not lowered")
+        shifted = b.cast(b.node("Add", [a.value, b.const(128)]), TensorProto.UINT8)
+        acc = b.node("MatMulInteger", [shifted, b_name, b.const(128, dtype=np.uint8)])
+        return b.cast(acc, TensorProto.INT64)
+    if a.bits <= 8:
+        acc = b.node("MatMulInteger", [b.cast(a.value, TensorProto.UINT8), b_name])
+        return b.cast(acc, TensorProto.INT64)
+    if a.bits > 16:
+        raise NotImplementedError("unsigned matmul inputs wider than 16 bits are not lowered")
+    high = b.node("Div", [a.value, b.const(256)])  # non-negative, so truncation is floor
+    low = b.node("Sub", [a.value, b.node("Mul", [high, b.const(256)])])
+    acc_high = b.cast(b.node("MatMulInteger", [b.cast(high, TensorProto.UINT8), b_name]), TensorProto.INT64)
+    acc_low = b.cast(b.node("MatMulInteger", [b.cast(low, TensorProto.UINT8), b_name]), TensorProto.INT64)
+    return b.node("Add", [b.node("Mul", [acc_high, b.const(256)]), acc_low])
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with int8 per-channel weights, int32 bias and a requantized output."""
+
+    def __init__(self, linear: nn.Linear | None, weight_bits: int, out_bits: int):
+        super().__init__()
+        if linear is not None:  # subclasses without an nn.Linear override effective_weight/bias
+            self.weight = linear.weight
+            self.bias = linear.bias
+        self.weight_bits = weight_bits
+        self.out_quant = ActQuantizer(out_bits)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight [out, in] that is quantized (subclasses fold extra factors in)."""
+        return self.weight
+
+    def effective_bias(self) -> torch.Tensor | None:
+        return self.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.effective_weight().shape[1]
+
+    def integer_weights(self, in_scale: float) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:
+        """Weight codes [out, in], bias codes at scale in_scale * w_scale, and the per-channel scales."""
+        w_codes, w_scales = quantize_weight(self.effective_weight(), self.weight_bits)
+        acc_scales = w_scales * in_scale
+        bias_codes = None
+        bias = self.effective_bias()
+        if bias is not None:
+            bias_codes = torch.round(bias.detach().double() / acc_scales).to(torch.int64)
+            limit = 2**31 - 1
+            if bias_codes.abs().max() > limit:
+                raise OverflowError(f"bias of {self._name()} does not fit int32 at input scale {in_scale:g}")
+        return w_codes, bias_codes, acc_scales.numpy()
+
+    def accumulator_bound(self, x: QTensor, bias_codes: torch.Tensor | None) -> int:
+        in_max = max(abs(x.code_min), abs(x.code_max))
+        bound = self.in_features * in_max * (2 ** (self.weight_bits - 1) - 1)
+        if bias_codes is not None:
+            bound += int(bias_codes.abs().max())
+        return bound
+
+    def forward(self, x: QTensor) -> QTensor:
+        if self.training:
+            weight = self.effective_weight()
+            bias = self.effective_bias()
+            if bias is not None:
+                acc_scales = (weight_scales(weight, self.weight_bits) * x.scale).to(bias.dtype)
+                bias = fake_quantize(bias, acc_scales, -(2**31) + 1, 2**31 - 1)
+            return self.out_quant(F.linear(x.value, fake_quantize_weight(weight, self.weight_bits), bias))
+        acc, acc_scales, bound = self.accumulate(x)
+        return quantizer_requantize(self.out_quant, acc, acc_scales, bound)
+
+    def accumulate(self, x: QTensor) -> tuple[torch.Tensor, np.ndarray, int]:
+        """Integer mode: int64 accumulator codes, their per-channel scales and bound."""
+        w_codes, bias_codes, acc_scales = self.integer_weights(x.scale)
+        bound = self.accumulator_bound(x, bias_codes)
+        acc = exact_int_matmul(x.value, w_codes.t(), bound)
+        if bias_codes is not None:
+            acc = acc + bias_codes
+        return acc, acc_scales, bound
+
+    def accumulate_onnx(self, b: GraphBuilder, x: QTensor) -> tuple[str, np.ndarray, int]:
+        w_codes, bias_codes, acc_scales = self.integer_weights(x.scale)
+        bound = self.accumulator_bound(x, bias_codes)
+        acc = matmul_integer_onnx(b, x, weight_codes=w_codes.t().contiguous().numpy())
+        if bias_codes is not None:
+            acc = b.node("Add", [acc, b.const(bias_codes.numpy(), name="bias")])
+        return acc, acc_scales, bound
+
+    def to_onnx(self, b: GraphBuilder, x: QTensor) -> QTensor:
+        acc, acc_scales, bound = self.accumulate_onnx(b, x)
+        return quantizer_requantize_onnx(b, self.out_quant, acc, acc_scales, bound)
+
+    def _name(self) -> str:
+        return getattr(self, "site_name", type(self).__name__)
+
+
+class QuantAdd(nn.Module):
+    """Residual add: both operands rescaled onto one grid with a single rounding."""
+
+    def __init__(self, out_bits: int):
+        super().__init__()
+        self.out_quant = ActQuantizer(out_bits)
+
+    def integer_params(self, a: QTensor, c: QTensor) -> tuple[int, int, int]:
+        # One shift s for both operands: out = round((a*m_a + c*m_c) / 2^s).
+        bound = max(abs(a.code_min), a.code_max) + max(abs(c.code_min), c.code_max)
+        ratio_a, ratio_c = a.scale / self.out_quant.scale, c.scale / self.out_quant.scale
+        reference = safe_dyadic(max(ratio_a, ratio_c), bound)
+        m_a = round(ratio_a * 2**reference.shift)
+        m_c = round(ratio_c * 2**reference.shift)
+        return m_a, m_c, reference.shift
+
+    def forward(self, a: QTensor, c: QTensor) -> QTensor:
+        if self.training:
+            return self.out_quant(a.value + c.value)
+        m_a, m_c, s = self.integer_params(a, c)
+        q = self.out_quant
+        codes = round_shift(a.value * m_a + c.value * m_c, s).clamp(q.code_min, q.code_max)
+        return QTensor(codes, q.scale, q.bits, q.signed)
+
+    def to_onnx(self, b: GraphBuilder, a: QTensor, c: QTensor) -> QTensor:
+        m_a, m_c, s = self.integer_params(a, c)
+        q = self.out_quant
+        summed = b.node("Add", [b.node("Mul", [a.value, b.const(m_a)]), b.node("Mul", [c.value, b.const(m_c)])])
+        out = b.requantize(summed, 1, s, q.code_min, q.code_max)
+        return QTensor(out, q.scale, q.bits, q.signed)
+
+
+class SchemeSite(nn.Module):
+    """A non-linear layer whose integer scheme the plan chooses ("site")."""
+
+    op: str = ""
+
+    def __init__(self, act_bits: int):
+        super().__init__()
+        self.act_bits = act_bits
+        self.scheme_name: str | None = None
+        self.site_name = ""
+
+    @property
+    def scheme(self):
+        if self.scheme_name is None:
+            raise RuntimeError(f"site {self.site_name!r} has no scheme: apply a plan first")
+        return get_scheme(self.op, self.scheme_name)
+
+    def input_bits(self) -> int:
+        preferred = self.scheme.preferred_input_bits
+        return preferred if preferred is not None else self.act_bits
+
+    def constants(self, x: QTensor, **options) -> SchemeConstants:
+        return self.scheme.constants(SiteInput(scale=x.scale, bits=x.bits, length=self._length), **options)
+
+    def run_scheme_onnx(self, b: GraphBuilder, x: QTensor, c: SchemeConstants) -> str:
+        scheme = self.scheme
+        consts = [b.const(np.asarray(v, dtype=np.int64), name=f"{scheme.name}_const")
+                  for v in scheme.onnx_constant_inputs(c)]
+        return b.call(scheme.onnx_function, [x.value, *consts], name=f"{self.op}_{scheme.name}")
+
+
+class SoftmaxSite(SchemeSite):
+    op = "softmax"
+
+    def __init__(self, act_bits: int, output_bits: int, length: int):
+        super().__init__(act_bits)
+        self.output_bits = output_bits
+        self._length = length
+        self.in_quant = ActQuantizer(act_bits)
+
+    def forward(self, scores: torch.Tensor | None = None, acc: torch.Tensor | None = None,
+                acc_scale: float = 0.0, acc_bound: int = 0) -> QTensor:
+        """QAT: real `scores`; integer mode: accumulator codes `acc` at `acc_scale`."""
+        self.in_quant.bits = self.input_bits()
+        if self.training:
+            x = self.in_quant(scores)
+            c = self.constants(x, output_bits=self.output_bits)
+            y = self.scheme.qat_forward(x.value, c, lambda t: torch.softmax(t, dim=-1))
+            return QTensor(y, c.output_scale, self.output_bits, signed=False)
+        x = quantizer_requantize(self.in_quant, acc, acc_scale, acc_bound)
+        c = self.constants(x, output_bits=self.output_bits)
+        return QTensor(self.scheme.reference(x.value, c), c.output_scale, self.output_bits, signed=False)
+
+    def to_onnx(self, b: GraphBuilder, acc: str, acc_scale: float, acc_bound: int) -> QTensor:
+        self.in_quant.bits = self.input_bits()
+        x = quantizer_requantize_onnx(b, self.in_quant, acc, acc_scale, acc_bound)
+        c = self.constants(x, output_bits=self.output_bits)
+        return QTensor(self.run_scheme_onnx(b, x, c), c.output_scale, self.output_bits, signed=False)
+
+
+class GeluSite(SchemeSite):
+    """GELU; its input quantizer is the preceding linear layer's output quantizer."""
+
+    op = "gelu"
+
+    def __init__(self, act_bits: int, length: int):
+        super().__init__(act_bits)
+        self._length = length
+        self.out_quant = ActQuantizer(act_bits)
+
+    def forward(self, x: QTensor) -> QTensor:
+        c = self.constants(x)
+        if self.training:
+            return self.out_quant(self.scheme.qat_forward(x.value, c, F.gelu))
+        codes = self.scheme.reference(x.value, c)
+        return quantizer_requantize(self.out_quant, codes, c.output_scale, max(abs(c.output_min), abs(c.output_max)))
+
+    def to_onnx(self, b: GraphBuilder, x: QTensor) -> QTensor:
+        c = self.constants(x)
+        codes = self.run_scheme_onnx(b, x, c)
+        return quantizer_requantize_onnx(b, self.out_quant, codes, c.output_scale,
+                                         max(abs(c.output_min), abs(c.output_max)))
+
+
+class LayerNormSite(SchemeSite):
+    """LayerNorm: the scheme normalizes, then a per-channel dyadic applies gamma and beta."""
+
+    op = "layernorm"
+
+    def __init__(self, norm: nn.LayerNorm, act_bits: int):
+        super().__init__(act_bits)
+        self.weight = norm.weight
+        self.bias = norm.bias
+        self._length = norm.normalized_shape[-1]
+        self.out_quant = ActQuantizer(act_bits)
+
+    @staticmethod
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+    def affine_params(self, c: SchemeConstants) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-channel m_c, s_c and offset B_c = round(beta_c / S_out * 2^s_c)."""
+        q = self.out_quant
+        gamma = self.weight.detach().double().numpy()
+        beta = self.bias.detach().double().numpy() if self.bias is not None else np.zeros_like(gamma)
+        n_bound = max(abs(c.output_min), abs(c.output_max))
+        # The offset only shifts the output, and any |offset| past the output range plus
+        # the largest |n * gamma| term saturates the clamp the same way, so it is capped.
+        offset_cap = q.code_max + int(np.abs(gamma).max() * c.output_scale / q.scale * n_bound) + 2
+        multipliers, shifts, offsets = [], [], []
+        for g, beta_c in zip(gamma, beta):
+            d = safe_dyadic(abs(g) * c.output_scale / q.scale, n_bound, offset_bound=offset_cap)
+            multipliers.append(d.multiplier if g >= 0 else -d.multiplier)
+            shifts.append(d.shift)
+            offset = max(-offset_cap, min(offset_cap, beta_c / q.scale))
+            offsets.append(math.floor(offset * 2.0**d.shift + 0.5))
+        return (np.array(multipliers, dtype=np.int64), np.array(shifts, dtype=np.int64),
+                np.array(offsets, dtype=np.int64))
+
+    def forward(self, x: QTensor) -> QTensor:
+        c = self.constants(x)
+        q = self.out_quant
+        if self.training:
+            normalized = self.scheme.qat_forward(x.value, c, self.normalize)
+            return q(normalized * self.weight + (self.bias if self.bias is not None else 0))
+        n = self.scheme.reference(x.value, c)
+        m, s, offset = (torch.from_numpy(a) for a in self.affine_params(c))
+        codes = round_shift(n * m + offset, s).clamp(q.code_min, q.code_max)
+        return QTensor(codes, q.scale, q.bits, q.signed)
+
+    def to_onnx(self, b: GraphBuilder, x: QTensor) -> QTensor:
+        c = self.constants(x)
+        n = self.run_scheme_onnx(b, x, c)
+        m, s, offset = self.affine_params(c)
+        q = self.out_quant
+        return QTensor(b.requantize(n, m, s, q.code_min, q.code_max, offset=offset), q.scale, q.bits, q.signed)

@@ -1,0 +1,357 @@
+"""Integer-only adapter for timm's VisionTransformer (ViT, DeiT without distillation).
+
+ViT: Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, arXiv 2010.11929.
+DeiT: Touvron et al., "Training data-efficient image transformers", ICML 2021, arXiv 2012.12877.
+Reference code: timm (huggingface/pytorch-image-models), `timm/models/vision_transformer.py`.
+
+`QuantViT` mirrors `VisionTransformer.forward` step by step, sharing the timm model's
+parameters. The model input is the uint8 pixel tensor [N, C, H, W]; the normalization
+(x / 255 - mean) / std is folded into the patch embedding, so the graph starts on integers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from onnx import TensorProto
+from timm.layers import Attention
+from timm.models.vision_transformer import VisionTransformer
+
+from hnq.intops import round_shift
+from hnq.nn import (
+    GeluSite,
+    LayerNormSite,
+    QuantAdd,
+    QuantLinear,
+    SoftmaxSite,
+    exact_int_matmul,
+    matmul_integer_onnx,
+    quantizer_requantize,
+    quantizer_requantize_onnx,
+)
+from hnq.onnx_builder import GraphBuilder
+from hnq.quant import ActQuantizer, QTensor, safe_dyadic
+
+# Options of timm's VisionTransformer that QuantViT does not mirror, with the reason.
+UNSUPPORTED_VIT_OPTIONS: dict[str, str] = {
+    "global_pool": "only the class-token head ('token') is lowered; average pooling needs an integer mean",
+    "reg_tokens": "register tokens are not lowered",
+    "no_embed_class": "position embeddings that skip the class token are not lowered",
+    "pre_norm": "a norm before the blocks is not lowered",
+    "fc_norm": "a norm after pooling is not lowered",
+    "qk_norm": "normalized queries and keys add LayerNorms that are not sites yet",
+    "init_values": "LayerScale (per-channel gains on each branch) is not lowered",
+    "dynamic_img_size": "the integer graph is exported for one input size",
+}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Bit widths of one quantized model."""
+
+    act_bits: int = 8
+    weight_bits: int = 8
+    residual_bits: int = 16
+    softmax_bits: int = 8
+    logits_bits: int = 16
+
+    def __post_init__(self) -> None:
+        if self.act_bits not in (4, 5, 6, 7, 8):
+            raise ValueError(f"activation bits must be between 4 and 8, got {self.act_bits}")
+        if self.weight_bits not in (4, 5, 6, 7, 8):
+            raise ValueError(f"weight bits must be between 4 and 8, got {self.weight_bits}")
+        if self.softmax_bits not in (8, 16):
+            raise ValueError(f"softmax output bits must be 8 or 16, got {self.softmax_bits}")
+        if not 8 <= self.residual_bits <= 24:
+            raise ValueError(f"residual bits must be between 8 and 24, got {self.residual_bits}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def disable_fused_attention(model: nn.Module) -> int:
+    """Turn off timm's fused attention so the softmax is an explicit step; returns the count."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, Attention) or hasattr(module, "fused_attn"):
+            module.fused_attn = False
+            count += 1
+    return count
+
+
+def check_supported(vit: VisionTransformer) -> None:
+    problems = []
+    if vit.global_pool != "token":
+        problems.append(("global_pool", vit.global_pool))
+    if getattr(vit, "num_reg_tokens", 0):
+        problems.append(("reg_tokens", vit.num_reg_tokens))
+    if getattr(vit, "no_embed_class", False):
+        problems.append(("no_embed_class", True))
+    if not isinstance(vit.norm_pre, nn.Identity):
+        problems.append(("pre_norm", True))
+    if not isinstance(vit.fc_norm, nn.Identity):
+        problems.append(("fc_norm", True))
+    if vit.cls_token is None:
+        problems.append(("global_pool", "no class token"))
+    for i, block in enumerate(vit.blocks):
+        if not isinstance(block.attn.q_norm, nn.Identity):
+            problems.append(("qk_norm", f"blocks.{i}"))
+        if not isinstance(block.ls1, nn.Identity) or not isinstance(block.ls2, nn.Identity):
+            problems.append(("init_values", f"blocks.{i}"))
+    if getattr(vit, "dynamic_img_size", False):
+        problems.append(("dynamic_img_size", True))
+    if problems:
+        lines = [f"{option}={value!r}: {UNSUPPORTED_VIT_OPTIONS[option]}" for option, value in problems]
+        raise NotImplementedError("this VisionTransformer uses options HNQ cannot quantize:\n  " + "\n  ".join(lines))
+
+
+class QuantPatchEmbed(QuantLinear):
+    """Patch embedding as a linear layer over flattened patches, normalization folded in.
+
+    conv((x/255 - mean)/std) = conv'(x) with W'[o,c] = W[o,c] / (255 std_c) and
+    b'_o = b_o - sum W[o,c] mean_c / std_c, so the input codes are the raw pixels (scale 1).
+    """
+
+    def __init__(self, conv: nn.Conv2d, mean, std, weight_bits: int, out_bits: int):
+        super().__init__(None, weight_bits, out_bits)
+        self.conv = conv
+        self.patch_size = conv.kernel_size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.conv.weight / (255.0 * self.std)
+        return w.flatten(1)
+
+    def effective_bias(self) -> torch.Tensor:
+        shift = (self.conv.weight * (self.mean / self.std)).flatten(1).sum(dim=1)
+        bias = self.conv.bias if self.conv.bias is not None else torch.zeros_like(shift)
+        return bias - shift
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        ph, pw = self.patch_size
+        x = x.reshape(n, c, h // ph, ph, w // pw, pw).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(n, (h // ph) * (w // pw), c * ph * pw)
+
+    def forward(self, x: QTensor) -> QTensor:
+        return super().forward(QTensor(self.patches(x.value), x.scale, x.bits, x.signed))
+
+    def to_onnx(self, b: GraphBuilder, x: QTensor, image_shape: tuple[int, int, int]) -> QTensor:
+        c, h, w = image_shape
+        ph, pw = self.patch_size
+        split = b.node("Reshape", [x.value, b.const([0, c, h // ph, ph, w // pw, pw])])
+        moved = b.node("Transpose", [split], perm=[0, 2, 4, 1, 3, 5])
+        flat = b.node("Reshape", [moved, b.const([0, (h // ph) * (w // pw), c * ph * pw])], name="patches")
+        return super().to_onnx(b, QTensor(flat, x.scale, x.bits, x.signed))
+
+
+class QuantEmbed(nn.Module):
+    """Class token and position embedding added to the patch tokens, on the residual grid."""
+
+    def __init__(self, cls_token: nn.Parameter, pos_embed: nn.Parameter, residual_bits: int):
+        super().__init__()
+        self.cls_token = cls_token
+        self.pos_embed = pos_embed
+        self.out_quant = ActQuantizer(residual_bits)
+
+    def integer_params(self, patches: QTensor) -> tuple[int, int, np.ndarray, np.ndarray]:
+        """m, s for the patch codes, the pos offsets pre-scaled by 2^s, and the class-token codes."""
+        q = self.out_quant
+        pos = self.pos_embed.detach().double()[0]  # [1 + L, D]
+        bound = max(abs(patches.code_min), patches.code_max)
+        offset_cap = 2 ** (q.bits + 1)  # past the clamp either way
+        d = safe_dyadic(patches.scale / q.scale, bound, offset_bound=offset_cap)
+        pos_codes = (pos[1:] / q.scale).clamp(-offset_cap, offset_cap)
+        offsets = torch.floor(pos_codes * 2.0**d.shift + 0.5).to(torch.int64).numpy()
+        cls = torch.round((self.cls_token.detach().double()[0, 0] + pos[0]) / q.scale).clamp(q.code_min, q.code_max)
+        return d.multiplier, d.shift, offsets, cls.to(torch.int64).numpy()
+
+    def forward(self, patches: QTensor) -> QTensor:
+        q = self.out_quant
+        n = patches.value.shape[0]
+        if self.training:
+            tokens = torch.cat([self.cls_token.expand(n, -1, -1), patches.value], dim=1) + self.pos_embed
+            return q(tokens)
+        m, s, offsets, cls = self.integer_params(patches)
+        body = round_shift(patches.value * m + torch.from_numpy(offsets), s).clamp(q.code_min, q.code_max)
+        head = torch.from_numpy(cls).view(1, 1, -1).expand(n, 1, -1)
+        return QTensor(torch.cat([head, body], dim=1), q.scale, q.bits, q.signed)
+
+    def to_onnx(self, b: GraphBuilder, patches: QTensor) -> QTensor:
+        q = self.out_quant
+        m, s, offsets, cls = self.integer_params(patches)
+        body = b.requantize(patches.value, m, s, q.code_min, q.code_max, offset=offsets)
+        batch = b.node("Slice", [b.node("Shape", [patches.value]), b.const([0]), b.const([1])])
+        target = b.node("Concat", [batch, b.const([1, cls.shape[0]])], axis=0)
+        head = b.node("Expand", [b.const(cls.reshape(1, 1, -1), name="cls_token"), target])
+        return QTensor(b.node("Concat", [head, body], axis=1, name="tokens"), q.scale, q.bits, q.signed)
+
+
+class QuantAttention(nn.Module):
+    def __init__(self, attn: Attention, tokens: int, cfg: QuantConfig):
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.scale_factor = attn.scale
+        self.qkv = QuantLinear(attn.qkv, cfg.weight_bits, cfg.act_bits)
+        self.softmax = SoftmaxSite(cfg.act_bits, cfg.softmax_bits, length=tokens)
+        self.out_quant = ActQuantizer(cfg.act_bits)
+        self.proj = QuantLinear(attn.proj, cfg.weight_bits, cfg.residual_bits)
+
+    def _split(self, qkv: torch.Tensor):
+        n_batch, n_tokens, _ = qkv.shape
+        return qkv.reshape(n_batch, n_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x: QTensor) -> QTensor:
+        qkv = self.qkv(x)
+        q, k, v = self._split(qkv.value)
+        n_batch, n_tokens = x.value.shape[:2]
+        if self.training:
+            probs = self.softmax(scores=(q * self.scale_factor) @ k.transpose(-2, -1))
+            context = (probs.value @ v).transpose(1, 2).reshape(n_batch, n_tokens, -1)
+            return self.proj(self.out_quant(context))
+        score_bound = self.head_dim * qkv.code_min**2
+        scores = exact_int_matmul(q, k.transpose(-2, -1), score_bound)
+        probs = self.softmax(acc=scores, acc_scale=qkv.scale**2 * self.scale_factor, acc_bound=score_bound)
+        context_bound = n_tokens * probs.code_max * abs(qkv.code_min)
+        context = exact_int_matmul(probs.value, v, context_bound).transpose(1, 2).reshape(n_batch, n_tokens, -1)
+        context = quantizer_requantize(self.out_quant, context, probs.scale * qkv.scale, context_bound)
+        return self.proj(context)
+
+    def to_onnx(self, b: GraphBuilder, x: QTensor, n_tokens: int) -> QTensor:
+        qkv = self.qkv.to_onnx(b, x)
+        split = b.node("Reshape", [qkv.value, b.const([0, 0, 3, self.num_heads, self.head_dim])])
+        heads = b.node("Transpose", [split], perm=[2, 0, 3, 1, 4])
+        q, k, v = (b.node("Gather", [heads, b.const(i)], axis=0, name=name) for i, name in enumerate("qkv"))
+        k_t = b.node("Transpose", [k], perm=[0, 1, 3, 2])
+        score_bound = self.head_dim * qkv.code_min**2
+        scores = matmul_integer_onnx(b, QTensor(q, qkv.scale, qkv.bits, qkv.signed), b_tensor=k_t)
+        probs = self.softmax.to_onnx(b, scores, qkv.scale**2 * self.scale_factor, score_bound)
+        context = matmul_integer_onnx(b, probs, b_tensor=v)
+        context = b.node("Reshape", [b.node("Transpose", [context], perm=[0, 2, 1, 3]),
+                                     b.const([0, 0, self.num_heads * self.head_dim])])
+        context_bound = n_tokens * probs.code_max * abs(qkv.code_min)
+        context = quantizer_requantize_onnx(b, self.out_quant, context, probs.scale * qkv.scale, context_bound)
+        return self.proj.to_onnx(b, context)
+
+
+class QuantBlock(nn.Module):
+    def __init__(self, block, tokens: int, cfg: QuantConfig):
+        super().__init__()
+        self.norm1 = LayerNormSite(block.norm1, cfg.act_bits)
+        self.attn = QuantAttention(block.attn, tokens, cfg)
+        self.add1 = QuantAdd(cfg.residual_bits)
+        self.norm2 = LayerNormSite(block.norm2, cfg.act_bits)
+        self.fc1 = QuantLinear(block.mlp.fc1, cfg.weight_bits, cfg.act_bits)
+        self.gelu = GeluSite(cfg.act_bits, length=block.mlp.fc1.out_features)
+        self.fc2 = QuantLinear(block.mlp.fc2, cfg.weight_bits, cfg.residual_bits)
+        self.add2 = QuantAdd(cfg.residual_bits)
+
+    def forward(self, x: QTensor) -> QTensor:
+        x = self.add1(x, self.attn(self.norm1(x)))
+        self.fc1.out_quant.bits = self.gelu.input_bits()
+        h = self.fc2(self.gelu(self.fc1(self.norm2(x))))
+        return self.add2(x, h)
+
+    def to_onnx(self, b: GraphBuilder, x: QTensor, n_tokens: int) -> QTensor:
+        with b.scope("norm1"):
+            h = self.norm1.to_onnx(b, x)
+        with b.scope("attn"):
+            h = self.attn.to_onnx(b, h, n_tokens)
+        with b.scope("add1"):
+            x = self.add1.to_onnx(b, x, h)
+        with b.scope("norm2"):
+            h = self.norm2.to_onnx(b, x)
+        self.fc1.out_quant.bits = self.gelu.input_bits()
+        with b.scope("mlp"):
+            h = self.fc2.to_onnx(b, self.gelu.to_onnx(b, self.fc1.to_onnx(b, h)))
+        with b.scope("add2"):
+            return self.add2.to_onnx(b, x, h)
+
+
+class QuantViT(nn.Module):
+    """Integer-only VisionTransformer: QAT in training mode, the integer reference in eval mode."""
+
+    def __init__(self, vit: VisionTransformer, mean, std, cfg: QuantConfig):
+        super().__init__()
+        check_supported(vit)
+        disable_fused_attention(vit)
+        self.cfg = cfg
+        self.image_shape = (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
+        tokens = vit.patch_embed.num_patches + 1
+        self.n_tokens = tokens
+        self.num_classes = vit.num_classes
+        self.patch_embed = QuantPatchEmbed(vit.patch_embed.proj, mean, std, cfg.weight_bits, cfg.residual_bits)
+        self.embed = QuantEmbed(vit.cls_token, vit.pos_embed, cfg.residual_bits)
+        self.blocks = nn.ModuleList(QuantBlock(block, tokens, cfg) for block in vit.blocks)
+        self.norm = LayerNormSite(vit.norm, cfg.act_bits)
+        self.head = QuantLinear(vit.head, cfg.weight_bits, cfg.logits_bits)
+        for name, site in self.sites().items():
+            site.site_name = name
+
+    def sites(self) -> "OrderedDict[str, nn.Module]":
+        """Every non-linear site in model order, named as in the timm model."""
+        sites: OrderedDict[str, nn.Module] = OrderedDict()
+        for i, block in enumerate(self.blocks):
+            sites[f"blocks.{i}.norm1"] = block.norm1
+            sites[f"blocks.{i}.attn.softmax"] = block.attn.softmax
+            sites[f"blocks.{i}.norm2"] = block.norm2
+            sites[f"blocks.{i}.mlp.act"] = block.gelu
+        sites["norm"] = self.norm
+        return sites
+
+    def pixels(self, images: torch.Tensor) -> QTensor:
+        """Wrap uint8 pixel tensors [N, C, H, W] as codes of scale 1."""
+        if tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(f"expected images of shape [N, {', '.join(map(str, self.image_shape))}], "
+                             f"got {list(images.shape)}")
+        value = images.float() if self.training else images.to(torch.int64)
+        return QTensor(value, 1.0, 8, signed=False)
+
+    def forward_codes(self, images: torch.Tensor) -> QTensor:
+        x = self.embed(self.patch_embed(self.pixels(images)))
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        cls = QTensor(x.value[:, 0], x.scale, x.bits, x.signed)
+        return self.head(cls)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits as floats: QAT values in training mode, dequantized integer codes in eval mode."""
+        logits = self.forward_codes(images)
+        if self.training:
+            return logits.value
+        return logits.value.double() * logits.scale
+
+    def logits_codes(self, images: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Integer reference: int64 logits codes and their scale (eval mode only)."""
+        if self.training:
+            raise RuntimeError("logits_codes runs the integer reference: call model.eval() first")
+        with torch.no_grad():
+            logits = self.forward_codes(images)
+        return logits.value, logits.scale
+
+    def to_onnx(self, b: GraphBuilder) -> tuple[str, float]:
+        """Emit the integer graph; returns the logits tensor name and its scale."""
+        c, h, w = self.image_shape
+        pixels = b.add_input("pixels", TensorProto.UINT8, ["N", c, h, w])
+        with b.scope("patch_embed"):
+            x = self.patch_embed.to_onnx(b, QTensor(pixels, 1.0, 8, signed=False), self.image_shape)
+        with b.scope("embed"):
+            x = self.embed.to_onnx(b, x)
+        for i, block in enumerate(self.blocks):
+            with b.scope(f"blocks.{i}"):
+                x = block.to_onnx(b, x, self.n_tokens)
+        with b.scope("norm"):
+            x = self.norm.to_onnx(b, x)
+        with b.scope("head"):
+            cls = b.node("Gather", [x.value, b.const(0)], axis=1, name="cls")
+            logits = self.head.to_onnx(b, QTensor(cls, x.scale, x.bits, x.signed))
+        out = b.node("Cast", [logits.value], to=TensorProto.INT32, name="logits_codes")
+        b.add_output(out, TensorProto.INT32, ["N", self.num_classes])
+        return out, logits.scale

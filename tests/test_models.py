@@ -1,0 +1,76 @@
+"""The ViT adapter: fused attention off, unsupported options rejected, sites named as in timm."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.layers import Attention
+
+from models import QuantConfig, build_float_model, builtin_arch, quantize_model
+
+
+def test_builtin_model_registered_in_timm():
+    model = timm.create_model("hnq_vit_fmnist", pretrained=False)
+    assert model.patch_embed.num_patches == 49
+    assert model.num_classes == 10
+
+
+def test_builtin_model_has_no_pretrained_weights():
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("hnq_vit_fmnist", pretrained=True)
+
+
+def test_quantize_turns_fused_attention_off():
+    float_model = build_float_model(builtin_arch())
+    attentions = [m for m in float_model.modules() if isinstance(m, Attention)]
+    assert attentions
+    for attn in attentions:
+        attn.fused_attn = True
+    quantize_model(float_model, QuantConfig())
+    assert all(attn.fused_attn is False for attn in attentions)
+
+
+def test_unfused_attention_matches_fused():
+    torch.manual_seed(0)
+    float_model = build_float_model(builtin_arch()).eval()
+    pixels = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    for attn in float_model.modules():
+        if isinstance(attn, Attention):
+            attn.fused_attn = True
+    fused = float_model(pixels)
+    quantize_model(float_model, QuantConfig())
+    assert torch.allclose(float_model(pixels), fused, atol=1e-5)
+
+
+def test_sites_in_model_order():
+    qmodel = quantize_model(build_float_model(builtin_arch()), QuantConfig())
+    names = list(qmodel.sites())
+    assert names[:4] == ["blocks.0.norm1", "blocks.0.attn.softmax", "blocks.0.norm2", "blocks.0.mlp.act"]
+    assert names[-1] == "norm"
+    assert len(names) == 4 * 4 + 1
+
+
+@pytest.mark.parametrize("option, value, reason", [
+    ("global_pool", "avg", "class-token head"),
+    ("init_values", 1e-5, "LayerScale"),
+    ("qk_norm", True, "normalized queries"),
+    ("reg_tokens", 2, "register tokens"),
+])
+def test_unsupported_vit_option_rejected(option, value, reason):
+    arch = builtin_arch()
+    arch["timm_kwargs"] = {option: value}
+    with pytest.raises(NotImplementedError, match=reason):
+        quantize_model(build_float_model(arch), QuantConfig())
+
+
+def test_wrong_image_shape_rejected():
+    qmodel = quantize_model(build_float_model(builtin_arch()), QuantConfig()).eval()
+    with pytest.raises(ValueError, match=r"expected images of shape \[N, 1, 28, 28\]"):
+        qmodel(torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("field, value", [("act_bits", 9), ("softmax_bits", 12), ("weight_bits", 2)])
+def test_quant_config_rejects_bits(field, value):
+    with pytest.raises(ValueError, match=str(value)):
+        QuantConfig(**{field: value})
