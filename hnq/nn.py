@@ -14,6 +14,7 @@ K below 2^31, far above any row length or width used here.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -23,12 +24,32 @@ from onnx import TensorProto
 
 from .intops import round_shift
 from .onnx_builder import GraphBuilder
-from .quant import ActQuantizer, QTensor, fake_quantize, fake_quantize_weight, quantize_weight, safe_dyadic, weight_scales
+from .quant import OBSERVER_MOMENTUM, ActQuantizer, QTensor, fake_quantize, fake_quantize_weight, quantize_weight, safe_dyadic, weight_scales
 from .schemes.base import SchemeConstants, SiteInput
 from .schemes.registry import get_scheme
 
 # Sums of exact float64 matmuls must stay below this for the float64 route to be exact.
 FLOAT64_EXACT_LIMIT = 2**53
+
+
+@contextmanager
+def float_mode(model: nn.Module):
+    """Run a quantized model as its float counterpart: every quantizer and site passes through.
+
+    The model runs its training-mode path with fake quantization off, so parameters and
+    module structure are shared with the integer model; the previous mode is restored.
+    """
+    switches = [m for m in model.modules() if hasattr(m, "quant_enabled")]
+    was_training = model.training
+    model.train()
+    for module in switches:
+        module.quant_enabled = False
+    try:
+        yield model
+    finally:
+        for module in switches:
+            module.quant_enabled = True
+        model.train(was_training)
 
 
 def exact_int_matmul(a: torch.Tensor, b: torch.Tensor, bound: int) -> torch.Tensor:
@@ -74,7 +95,7 @@ def matmul_integer_onnx(b: GraphBuilder, a: QTensor, weight_codes: np.ndarray | 
     B is a constant (`weight_codes`, shape [K, N]) or a runtime int64 tensor `b_tensor`.
     A signed 8-bit A is shifted to uint8 with zero point 128 (MatMulInteger's u8 x s8 form
     is the fast one on CPU and stays exact); an unsigned A wider than 8 bits is split into
-    bytes, A = 256*hi + lo, and recombined in int64.
+    bytes and the partial products are recombined in int64.
     """
     if weight_codes is not None:
         b_name = b.const(weight_codes.astype(np.int8), dtype=np.int8, name="weight")
@@ -89,13 +110,23 @@ def matmul_integer_onnx(b: GraphBuilder, a: QTensor, weight_codes: np.ndarray | 
     if a.bits <= 8:
         acc = b.node("MatMulInteger", [b.cast(a.value, TensorProto.UINT8), b_name])
         return b.cast(acc, TensorProto.INT64)
-    if a.bits > 16:
-        raise NotImplementedError("unsigned matmul inputs wider than 16 bits are not lowered")
-    high = b.node("Div", [a.value, b.const(256)])  # non-negative, so truncation is floor
-    low = b.node("Sub", [a.value, b.node("Mul", [high, b.const(256)])])
-    acc_high = b.cast(b.node("MatMulInteger", [b.cast(high, TensorProto.UINT8), b_name]), TensorProto.INT64)
-    acc_low = b.cast(b.node("MatMulInteger", [b.cast(low, TensorProto.UINT8), b_name]), TensorProto.INT64)
-    return b.node("Add", [b.node("Mul", [acc_high, b.const(256)]), acc_low])
+    if a.bits > 32:
+        raise NotImplementedError(f"unsigned matmul inputs wider than 32 bits are not lowered (got {a.bits})")
+    # A = sum_j byte_j * 256^j; each byte goes through its own u8 x s8 MatMulInteger.
+    total = None
+    remaining = a.value
+    for j in range((a.bits + 7) // 8):
+        if j == (a.bits + 7) // 8 - 1:
+            byte = remaining
+        else:
+            high = b.node("Div", [remaining, b.const(256)])  # non-negative, so truncation is floor
+            byte = b.node("Sub", [remaining, b.node("Mul", [high, b.const(256)])])
+            remaining = high
+        part = b.cast(b.node("MatMulInteger", [b.cast(byte, TensorProto.UINT8), b_name]), TensorProto.INT64)
+        if j:
+            part = b.node("Mul", [part, b.const(256**j)])
+        total = part if total is None else b.node("Add", [total, part])
+    return total
 
 
 class QuantLinear(nn.Module):
@@ -108,6 +139,7 @@ class QuantLinear(nn.Module):
             self.bias = linear.bias
         self.weight_bits = weight_bits
         self.out_quant = ActQuantizer(out_bits)
+        self.quant_enabled = True
 
     def effective_weight(self) -> torch.Tensor:
         """The float weight [out, in] that is quantized (subclasses fold extra factors in)."""
@@ -144,6 +176,8 @@ class QuantLinear(nn.Module):
         if self.training:
             weight = self.effective_weight()
             bias = self.effective_bias()
+            if not self.quant_enabled:
+                return self.out_quant(F.linear(x.value, weight, bias))
             if bias is not None:
                 acc_scales = (weight_scales(weight, self.weight_bits) * x.scale).to(bias.dtype)
                 bias = fake_quantize(bias, acc_scales, -(2**31) + 1, 2**31 - 1)
@@ -209,15 +243,23 @@ class QuantAdd(nn.Module):
 
 
 class SchemeSite(nn.Module):
-    """A non-linear layer whose integer scheme the plan chooses ("site")."""
+    """A non-linear layer whose integer scheme the plan chooses ("site").
+
+    Besides QAT and the integer reference, a site runs in float mode (`quant_enabled`
+    False: the float op on real values) and reports its input and output to `recorder`
+    when one is set, which is how the sensitivity search observes every site.
+    """
 
     op: str = ""
 
-    def __init__(self, act_bits: int):
+    def __init__(self, act_bits: int, length: int):
         super().__init__()
         self.act_bits = act_bits
+        self._length = length
         self.scheme_name: str | None = None
         self.site_name = ""
+        self.quant_enabled = True
+        self.recorder = None
 
     @property
     def scheme(self):
@@ -226,11 +268,20 @@ class SchemeSite(nn.Module):
         return get_scheme(self.op, self.scheme_name)
 
     def input_bits(self) -> int:
+        if self.scheme_name is None:  # float mode before a plan: any width passes through
+            return self.act_bits
         preferred = self.scheme.preferred_input_bits
         return preferred if preferred is not None else self.act_bits
 
     def constants(self, x: QTensor, **options) -> SchemeConstants:
-        return self.scheme.constants(SiteInput(scale=x.scale, bits=x.bits, length=self._length), **options)
+        scheme = self.scheme
+        for statistic in scheme.calibration:
+            options[statistic] = self.calibration_statistic(statistic)
+        return scheme.constants(SiteInput(scale=x.scale, bits=x.bits, length=self._length), **options)
+
+    def calibration_statistic(self, name: str):
+        raise ValueError(f"site {self.site_name!r} ({self.op}) does not collect {name!r}, "
+                         f"which scheme {self.scheme_name!r} needs")
 
     def run_scheme_onnx(self, b: GraphBuilder, x: QTensor, c: SchemeConstants) -> str:
         scheme = self.scheme
@@ -238,34 +289,58 @@ class SchemeSite(nn.Module):
                   for v in scheme.onnx_constant_inputs(c)]
         return b.call(scheme.onnx_function, [x.value, *consts], name=f"{self.op}_{scheme.name}")
 
+    def integer_forward(self, x: QTensor) -> QTensor:
+        """The integer reference of this site on input codes `x` (eval mode)."""
+        raise NotImplementedError
+
+    def float_op(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _record(self, x: QTensor, y: QTensor) -> QTensor:
+        if self.recorder is not None:
+            self.recorder(self, x, y)
+        return y
+
 
 class SoftmaxSite(SchemeSite):
     op = "softmax"
 
     def __init__(self, act_bits: int, output_bits: int, length: int):
-        super().__init__(act_bits)
+        super().__init__(act_bits, length)
         self.output_bits = output_bits
-        self._length = length
         self.in_quant = ActQuantizer(act_bits)
+
+    def float_op(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(x, dim=-1)
 
     def forward(self, scores: torch.Tensor | None = None, acc: torch.Tensor | None = None,
                 acc_scale: float = 0.0, acc_bound: int = 0) -> QTensor:
-        """QAT: real `scores`; integer mode: accumulator codes `acc` at `acc_scale`."""
+        """QAT or float mode: real `scores`; integer mode: accumulator codes `acc` at `acc_scale`."""
         self.in_quant.bits = self.input_bits()
         if self.training:
             x = self.in_quant(scores)
+            if not self.quant_enabled:
+                return self._record(x, QTensor(self.float_op(x.value), 1.0, 16, signed=False))
             c = self.constants(x, output_bits=self.output_bits)
-            y = self.scheme.qat_forward(x.value, c, lambda t: torch.softmax(t, dim=-1))
-            return QTensor(y, c.output_scale, self.output_bits, signed=False)
-        x = quantizer_requantize(self.in_quant, acc, acc_scale, acc_bound)
+            y = self.scheme.qat_forward(x.value, c, self.float_op)
+            return self._record(x, QTensor(y, c.output_scale, self.probability_bits(c), signed=False))
+        return self.integer_forward(quantizer_requantize(self.in_quant, acc, acc_scale, acc_bound))
+
+    def integer_forward(self, x: QTensor) -> QTensor:
         c = self.constants(x, output_bits=self.output_bits)
-        return QTensor(self.scheme.reference(x.value, c), c.output_scale, self.output_bits, signed=False)
+        y = QTensor(self.scheme.reference(x.value, c), c.output_scale, self.probability_bits(c), signed=False)
+        return self._record(x, y)
+
+    @staticmethod
+    def probability_bits(c: SchemeConstants) -> int:
+        """Width of the unsigned probability codes, from the scheme's largest output code."""
+        return max(1, int(c.output_max).bit_length())
 
     def to_onnx(self, b: GraphBuilder, acc: str, acc_scale: float, acc_bound: int) -> QTensor:
         self.in_quant.bits = self.input_bits()
         x = quantizer_requantize_onnx(b, self.in_quant, acc, acc_scale, acc_bound)
         c = self.constants(x, output_bits=self.output_bits)
-        return QTensor(self.run_scheme_onnx(b, x, c), c.output_scale, self.output_bits, signed=False)
+        return QTensor(self.run_scheme_onnx(b, x, c), c.output_scale, self.probability_bits(c), signed=False)
 
 
 class GeluSite(SchemeSite):
@@ -274,16 +349,25 @@ class GeluSite(SchemeSite):
     op = "gelu"
 
     def __init__(self, act_bits: int, length: int):
-        super().__init__(act_bits)
-        self._length = length
+        super().__init__(act_bits, length)
         self.out_quant = ActQuantizer(act_bits)
 
+    def float_op(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x)
+
     def forward(self, x: QTensor) -> QTensor:
+        if not self.training:
+            return self.integer_forward(x)
+        if not self.quant_enabled:
+            return self._record(x, self.out_quant(self.float_op(x.value)))
         c = self.constants(x)
-        if self.training:
-            return self.out_quant(self.scheme.qat_forward(x.value, c, F.gelu))
+        return self._record(x, self.out_quant(self.scheme.qat_forward(x.value, c, self.float_op)))
+
+    def integer_forward(self, x: QTensor) -> QTensor:
+        c = self.constants(x)
         codes = self.scheme.reference(x.value, c)
-        return quantizer_requantize(self.out_quant, codes, c.output_scale, max(abs(c.output_min), abs(c.output_max)))
+        bound = max(abs(c.output_min), abs(c.output_max))
+        return self._record(x, quantizer_requantize(self.out_quant, codes, c.output_scale, bound))
 
     def to_onnx(self, b: GraphBuilder, x: QTensor) -> QTensor:
         c = self.constants(x)
@@ -298,15 +382,36 @@ class LayerNormSite(SchemeSite):
     op = "layernorm"
 
     def __init__(self, norm: nn.LayerNorm, act_bits: int):
-        super().__init__(act_bits)
+        super().__init__(act_bits, norm.normalized_shape[-1])
         self.weight = norm.weight
         self.bias = norm.bias
-        self._length = norm.normalized_shape[-1]
+        self.eps = norm.eps
         self.out_quant = ActQuantizer(act_bits)
+        # Per-channel input range, observed alongside the activation observers; schemes
+        # with per-channel input factors (FQ-ViT's PTF) read it.
+        self.register_buffer("channel_absmax", torch.zeros(self._length, dtype=torch.float64))
+        self.register_buffer("channel_observed", torch.zeros((), dtype=torch.bool))
 
-    @staticmethod
-    def normalize(x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+    def observe_channels(self, x: torch.Tensor) -> None:
+        absmax = x.detach().double().abs().flatten(0, -2).amax(dim=0)
+        if not bool(self.channel_observed):
+            self.channel_absmax.copy_(absmax)
+            self.channel_observed.fill_(True)
+        else:
+            self.channel_absmax.mul_(OBSERVER_MOMENTUM).add_(absmax * (1 - OBSERVER_MOMENTUM))
+
+    def calibration_statistic(self, name: str):
+        if name == "channel_absmax":
+            if not bool(self.channel_observed):
+                raise RuntimeError(f"site {self.site_name!r} has no per-channel statistics: calibrate first")
+            return self.channel_absmax.numpy().copy()
+        return super().calibration_statistic(name)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
+
+    def float_op(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, eps=self.eps)
 
     def affine_params(self, c: SchemeConstants) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-channel m_c, s_c and offset B_c = round(beta_c / S_out * 2^s_c)."""
@@ -328,15 +433,23 @@ class LayerNormSite(SchemeSite):
                 np.array(offsets, dtype=np.int64))
 
     def forward(self, x: QTensor) -> QTensor:
+        if not self.training:
+            return self.integer_forward(x)
+        q = self.out_quant
+        if not self.quant_enabled:
+            return self._record(x, q(self.float_op(x.value)))
+        if not bool(q.frozen):
+            self.observe_channels(x.value)
+        normalized = self.scheme.qat_forward(x.value, self.constants(x), self.normalize)
+        return self._record(x, q(normalized * self.weight + (self.bias if self.bias is not None else 0)))
+
+    def integer_forward(self, x: QTensor) -> QTensor:
         c = self.constants(x)
         q = self.out_quant
-        if self.training:
-            normalized = self.scheme.qat_forward(x.value, c, self.normalize)
-            return q(normalized * self.weight + (self.bias if self.bias is not None else 0))
         n = self.scheme.reference(x.value, c)
         m, s, offset = (torch.from_numpy(a) for a in self.affine_params(c))
         codes = round_shift(n * m + offset, s).clamp(q.code_min, q.code_max)
-        return QTensor(codes, q.scale, q.bits, q.signed)
+        return self._record(x, QTensor(codes, q.scale, q.bits, q.signed))
 
     def to_onnx(self, b: GraphBuilder, x: QTensor) -> QTensor:
         c = self.constants(x)

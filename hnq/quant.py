@@ -75,6 +75,8 @@ class ActQuantizer(nn.Module):
         self.register_buffer("running_absmax", torch.zeros((), dtype=torch.float64))
         self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        # False in float mode: values pass through unquantized and unobserved.
+        self.quant_enabled = True
 
     @property
     def scale(self) -> float:
@@ -104,6 +106,8 @@ class ActQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> QTensor:
         """QAT mode: observe (while training and not frozen), then fake-quantize."""
+        if not self.quant_enabled:
+            return QTensor(x, self.scale if bool(self.observed) else 1.0, self.bits, self.signed)
         if self.training and not bool(self.frozen):
             self.observe(x)
         if not bool(self.observed):

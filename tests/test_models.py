@@ -74,3 +74,16 @@ def test_wrong_image_shape_rejected():
 def test_quant_config_rejects_bits(field, value):
     with pytest.raises(ValueError, match=str(value)):
         QuantConfig(**{field: value})
+
+
+def test_float_mode_matches_timm_model():
+    from hnq.nn import float_mode
+
+    torch.manual_seed(0)
+    float_model = build_float_model(builtin_arch()).eval()
+    pixels = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    qmodel = quantize_model(float_model, QuantConfig()).eval()
+    with torch.no_grad(), float_mode(qmodel):
+        mirrored = qmodel(pixels)
+    assert torch.allclose(mirrored, float_model(pixels), atol=1e-4)
+    assert not qmodel.training

@@ -74,6 +74,10 @@ class Scheme(ABC):
     # Input code width the scheme wants when the site is free to choose; None takes the
     # model's activation bits.
     preferred_input_bits: ClassVar[int | None] = None
+    # Calibration statistics the scheme needs from its site, passed to constants() as
+    # options of the same name. Sites know "channel_absmax": the EMA of max |x| per channel
+    # (last axis) of the site's real-valued input.
+    calibration: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def constants(self, site_input: SiteInput, **options: Any) -> SchemeConstants:
