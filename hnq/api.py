@@ -97,3 +97,60 @@ def plan_differences(trained: Plan, given: Plan) -> list[str]:
             problems.append(f"$.sites[{site!r}].scheme: the model was trained with "
                             f"{trained.scheme_for(site)!r}, the plan says {given.scheme_for(site)!r}")
     return problems
+
+
+def load_calibration_images(image_dir: str | Path, image_shape: tuple[int, int, int], batches: int,
+                            batch_size: int, progress: bool = True):
+    """The first batches * batch_size images of an image folder, as uint8 tensors per batch."""
+    import torch
+
+    from .data import DataError, iter_image_batches, scan_image_folder
+
+    samples = scan_image_folder(image_dir)
+    needed = batches * batch_size
+    if len(samples) < needed:
+        raise DataError(f"calibration folder {image_dir} has {len(samples)} images, but {batches} batches of "
+                        f"{batch_size} need {needed}; lower --batches or --batch-size, or add images")
+    channels, height, width = image_shape
+    # Take images across classes: samples are sorted by class, so stride through them.
+    stride = len(samples) // needed
+    chosen = samples[::stride][:needed]
+    return [torch.from_numpy(images) for images, _, _ in
+            iter_image_batches(chosen, (height, width), channels, batch_size, progress=progress,
+                               desc="calibration images")]
+
+
+def search_plan(checkpoint: str | Path, calib_dir: str | Path, act_bits: int | None = None, batches: int = 16,
+                batch_size: int = 32, rule: str = "delta-sqnr", progress: bool = True):
+    """Calibrate (for a float checkpoint) and measure every site under every candidate scheme.
+
+    Returns (plan, sensitivity result, quantized model). A quantized checkpoint keeps its
+    calibrated observers and bits; a float checkpoint is quantized with `act_bits`
+    (default 8) and calibrated on the same images first.
+    """
+    from models import QuantConfig
+
+    from .sensitivity import measure_sensitivity
+    from .train import calibrate_float
+
+    payload = load_checkpoint(checkpoint)
+    if payload["kind"] == "quantized":
+        qmodel, plan, payload = load_quantized_model(checkpoint)
+        bits = dict(plan.bits)
+        if act_bits is not None and act_bits != bits["activation"]:
+            raise PlanError("request", [f"--bits {act_bits}: {checkpoint} was quantized with "
+                                        f"{bits['activation']}-bit activations; give its float parent instead"])
+    else:
+        float_model = build_float_model(payload["arch"])
+        load_state_strict(float_model, payload["state_dict"], str(checkpoint))
+        qmodel = quantize_model(float_model, QuantConfig(act_bits=act_bits or 8))
+        bits = bits_from_quant_config(qmodel.cfg)
+    image_batches = load_calibration_images(calib_dir, qmodel.image_shape, batches, batch_size, progress)
+    if payload["kind"] == "float":
+        calibrate_float(qmodel, image_batches, len(image_batches), progress=progress)
+    result = measure_sensitivity(qmodel, image_batches, len(image_batches), progress=progress)
+    plan = result.make_plan(payload["arch"].get("timm_name", "model"), bits, rule)
+    calibrated = payload["kind"] == "float"
+    plan.notes["calibration"] = {"passes": 1 if calibrated else 0,
+                                 "images": sum(len(b) for b in image_batches) if calibrated else 0}
+    return plan, result, qmodel

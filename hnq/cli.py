@@ -6,6 +6,7 @@ says what to fix), 1 an internal failure (a bug: please report it with the trace
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from functools import wraps
@@ -90,6 +91,47 @@ def demo_command(output, data_dir, epochs, qat_epochs, bits, calib_batches, batc
         click.echo(f"error: {report.mismatched} images differ between ONNX Runtime and the integer reference",
                    err=True)
         sys.exit(1)
+
+
+@main.command("plan")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--calib", "calib_dir", type=click.Path(path_type=Path), required=True,
+              help="Image folder (one sub-folder per class) with the calibration images.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="plan.json to write.")
+@click.option("--bits", type=click.IntRange(4, 8), default=None,
+              help="Activation bits for a float checkpoint (default 8); a quantized one keeps its own.")
+@click.option("--batches", type=click.IntRange(1), default=16, show_default=True, help="Calibration batches.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per batch.")
+@click.option("--rule", type=click.Choice(["delta-sqnr", "float-input"]), default="delta-sqnr", show_default=True,
+              help="delta-sqnr: largest SQNR_out - SQNR_in in the all-one-family model; "
+                   "float-input: largest SQNR_out on the site's own float input.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_logging_options
+@_report_user_errors
+def plan_command(checkpoint, calib_dir, output, bits, batches, batch_size, rule, no_progress, verbose, quiet) -> None:
+    """Measure every site under every candidate scheme and write the least-error plan.
+
+    Besides plan.json it writes PLAN.sensitivity.json (every number, for scripts) and
+    PLAN.sensitivity.png (a heat map of sites x schemes).
+    """
+    from .api import search_plan
+    from .io import atomic_write_text, check_output_path
+    from .sensitivity import format_table, save_heatmap
+
+    _configure_logging(verbose, quiet)
+    check_output_path(output)
+    plan, result, _ = search_plan(checkpoint, calib_dir, bits, batches, batch_size, rule, progress=not no_progress)
+    choice = {site: entry["scheme"] for site, entry in plan.sites.items()}
+    click.echo(format_table(result, choice, rule))
+    click.echo(f"search: {result.passes} batch passes ({len(result.pass_names) + 1} per batch: float and "
+               f"{', '.join(result.pass_names)}) over {result.images} images in {result.seconds:.1f} s")
+    plan.save(output)
+    stem = output.with_suffix("")
+    report = {"rule": rule, "plan": str(output), **result.to_dict(), "choice": choice}
+    atomic_write_text(f"{stem}.sensitivity.json", json.dumps(report, indent=2, allow_nan=False,
+                                                             default=str) + "\n")
+    save_heatmap(result, choice, f"{stem}.sensitivity.png", rule)
+    click.echo(f"wrote {output}, {stem}.sensitivity.json and {stem}.sensitivity.png")
 
 
 @click.command("hnq-export")

@@ -33,22 +33,27 @@ FLOAT64_EXACT_LIMIT = 2**53
 
 
 @contextmanager
-def float_mode(model: nn.Module):
+def float_mode(model: nn.Module, observe: bool = False):
     """Run a quantized model as its float counterpart: every quantizer and site passes through.
 
     The model runs its training-mode path with fake quantization off, so parameters and
     module structure are shared with the integer model; the previous mode is restored.
+    With `observe`, the activation observers record the float activations (calibration).
     """
     switches = [m for m in model.modules() if hasattr(m, "quant_enabled")]
     was_training = model.training
     model.train()
     for module in switches:
         module.quant_enabled = False
+        if hasattr(module, "observe_in_float_mode"):
+            module.observe_in_float_mode = observe
     try:
         yield model
     finally:
         for module in switches:
             module.quant_enabled = True
+            if hasattr(module, "observe_in_float_mode"):
+                module.observe_in_float_mode = False
         model.train(was_training)
 
 
@@ -293,6 +298,23 @@ class SchemeSite(nn.Module):
         """The integer reference of this site on input codes `x` (eval mode)."""
         raise NotImplementedError
 
+    def input_quantizer(self) -> ActQuantizer | None:
+        """The quantizer that sets this site's input grid, if the site's scheme chooses its width."""
+        return None
+
+    def quantize_input(self, x: QTensor, scheme_name: str) -> QTensor:
+        """Codes of the real input `x` on the grid this site would use under `scheme_name`."""
+        quantizer = self.input_quantizer()
+        if quantizer is None:
+            scale, bits = x.scale, x.bits
+        else:
+            preferred = get_scheme(self.op, scheme_name).preferred_input_bits
+            bits = preferred if preferred is not None else self.act_bits
+            scale = max(float(quantizer.running_absmax), 1e-8) / (2 ** (bits - 1) - 1)
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        codes = torch.round(x.value.detach().double() / scale).clamp(lo, hi).to(torch.int64)
+        return QTensor(codes, scale, bits, signed=True)
+
     def float_op(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -312,6 +334,9 @@ class SoftmaxSite(SchemeSite):
 
     def float_op(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(x, dim=-1)
+
+    def input_quantizer(self) -> ActQuantizer:
+        return self.in_quant
 
     def forward(self, scores: torch.Tensor | None = None, acc: torch.Tensor | None = None,
                 acc_scale: float = 0.0, acc_bound: int = 0) -> QTensor:
@@ -351,6 +376,15 @@ class GeluSite(SchemeSite):
     def __init__(self, act_bits: int, length: int):
         super().__init__(act_bits, length)
         self.out_quant = ActQuantizer(act_bits)
+        self._input_quantizer: ActQuantizer | None = None
+
+    def attach_input_quantizer(self, quantizer: ActQuantizer) -> None:
+        # object.__setattr__ keeps the linear layer's quantizer out of this module's
+        # children, so it is saved once, under the linear layer.
+        object.__setattr__(self, "_input_quantizer", quantizer)
+
+    def input_quantizer(self) -> ActQuantizer | None:
+        return self._input_quantizer
 
     def float_op(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x)
@@ -436,10 +470,10 @@ class LayerNormSite(SchemeSite):
         if not self.training:
             return self.integer_forward(x)
         q = self.out_quant
+        if not bool(q.frozen) and (self.quant_enabled or q.observe_in_float_mode):
+            self.observe_channels(x.value)
         if not self.quant_enabled:
             return self._record(x, q(self.float_op(x.value)))
-        if not bool(q.frozen):
-            self.observe_channels(x.value)
         normalized = self.scheme.qat_forward(x.value, self.constants(x), self.normalize)
         return self._record(x, q(normalized * self.weight + (self.bias if self.bias is not None else 0)))
 

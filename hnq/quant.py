@@ -75,8 +75,10 @@ class ActQuantizer(nn.Module):
         self.register_buffer("running_absmax", torch.zeros((), dtype=torch.float64))
         self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
-        # False in float mode: values pass through unquantized and unobserved.
+        # False in float mode: values pass through unquantized, and are observed only when
+        # `observe_in_float_mode` is set (calibration on float activations).
         self.quant_enabled = True
+        self.observe_in_float_mode = False
 
     @property
     def scale(self) -> float:
@@ -107,6 +109,8 @@ class ActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> QTensor:
         """QAT mode: observe (while training and not frozen), then fake-quantize."""
         if not self.quant_enabled:
+            if self.observe_in_float_mode and not bool(self.frozen):
+                self.observe(x)
             return QTensor(x, self.scale if bool(self.observed) else 1.0, self.bits, self.signed)
         if self.training and not bool(self.frozen):
             self.observe(x)

@@ -163,3 +163,24 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 500, progr
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).double().mean()) if len(labels) else float("nan")
+
+
+@torch.no_grad()
+def calibrate_float(qmodel: nn.Module, batches, n_batches: int, progress: bool = True) -> int:
+    """Set every activation observer from float activations (post-training calibration).
+
+    Unlike `calibrate`, which runs the QAT path, this needs no plan: the model runs in float
+    mode and the observers record what the float model computes.
+    """
+    from .nn import float_mode
+
+    freeze_observers(qmodel, False)
+    seen = 0
+    with float_mode(qmodel, observe=True):
+        for batch in tqdm(batches, total=n_batches, desc="calibration", unit="batch", disable=not progress,
+                          dynamic_ncols=True):
+            qmodel(batch)
+            seen += batch.shape[0]
+    if seen == 0:
+        raise ValueError("calibration set is empty; give at least one batch of images")
+    return seen

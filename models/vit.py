@@ -249,6 +249,7 @@ class QuantBlock(nn.Module):
         self.norm2 = LayerNormSite(block.norm2, cfg.act_bits)
         self.fc1 = QuantLinear(block.mlp.fc1, cfg.weight_bits, cfg.act_bits)
         self.gelu = GeluSite(cfg.act_bits, length=block.mlp.fc1.out_features)
+        self.gelu.attach_input_quantizer(self.fc1.out_quant)
         self.fc2 = QuantLinear(block.mlp.fc2, cfg.weight_bits, cfg.residual_bits)
         self.add2 = QuantAdd(cfg.residual_bits)
 
