@@ -137,3 +137,27 @@ def isqrt_newton_steps(v: torch.Tensor, x: torch.Tensor, steps: int) -> torch.Te
     for _ in range(steps):
         x = torch.minimum(x, floor_div(x + floor_div(v, x), 2))
     return x
+
+
+def floor_log2(v: torch.Tensor) -> torch.Tensor:
+    """floor(log2 v) for 1 <= v < 2^62, by a binary search over the bit positions.
+
+    Six comparisons per element, as in the ONNX lowering `onnx_ops.common.FloorLog2`;
+    `bit_length` would compare against all 63 powers of two.
+    """
+    k = torch.zeros_like(v)
+    for step in (32, 16, 8, 4, 2, 1):
+        k = k + step * ((v >> (k + step)) > 0).to(v.dtype)
+    return k
+
+
+def round_div_half_even(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """round(numerator / denominator) with ties to even, for numerator >= 0 and denominator >= 1.
+
+    This is `torch.round` (half to even) on the exact quotient.
+    """
+    quotient = floor_div(numerator, denominator)
+    twice_remainder = 2 * (numerator - quotient * denominator)
+    odd = quotient & 1
+    round_up = (twice_remainder > denominator) | ((twice_remainder == denominator) & (odd == 1))
+    return quotient + round_up.to(quotient.dtype)

@@ -61,3 +61,41 @@ def NewtonSqrtStep(x: T, v: T) -> T:
 
 
 COMMON_FUNCTIONS = COMMON_FUNCTIONS + (BitLength, NewtonSqrtStep)
+
+
+@script(hnq, default_opset=op)
+def FloorLog2(v: T, powers: T) -> T:
+    """floor(log2 v) for 1 <= v < 2^62 by binary search, with powers[i] = 2^i for i = 0..62.
+
+    Each step tests v >= 2^(k + step). The index k + step reaches 63 only in the last step
+    with k = 62, that is for v >= 2^62, so capping it at 62 changes nothing for v < 2^62.
+    """
+    top = op.CastLike(op.Constant(value_int=62), v)
+    step = op.CastLike(op.Constant(value_int=32), v)
+    k = op.Mul(op.CastLike(op.GreaterOrEqual(v, op.Gather(powers, step)), v), step)
+    step = op.CastLike(op.Constant(value_int=16), v)
+    k = op.Add(k, op.Mul(op.CastLike(op.GreaterOrEqual(v, op.Gather(powers, op.Min(op.Add(k, step), top))), v), step))
+    step = op.CastLike(op.Constant(value_int=8), v)
+    k = op.Add(k, op.Mul(op.CastLike(op.GreaterOrEqual(v, op.Gather(powers, op.Min(op.Add(k, step), top))), v), step))
+    step = op.CastLike(op.Constant(value_int=4), v)
+    k = op.Add(k, op.Mul(op.CastLike(op.GreaterOrEqual(v, op.Gather(powers, op.Min(op.Add(k, step), top))), v), step))
+    step = op.CastLike(op.Constant(value_int=2), v)
+    k = op.Add(k, op.Mul(op.CastLike(op.GreaterOrEqual(v, op.Gather(powers, op.Min(op.Add(k, step), top))), v), step))
+    step = op.CastLike(op.Constant(value_int=1), v)
+    k = op.Add(k, op.Mul(op.CastLike(op.GreaterOrEqual(v, op.Gather(powers, op.Min(op.Add(k, step), top))), v), step))
+    return k
+
+
+@script(hnq, default_opset=op)
+def RoundDivHalfEven(numerator: T, denominator: T) -> T:
+    """round(numerator / denominator) with ties to even, for numerator >= 0 and denominator >= 1."""
+    two = op.CastLike(op.Constant(value_int=2), numerator)
+    quotient = op.Div(numerator, denominator)
+    twice_remainder = op.Mul(op.Sub(numerator, op.Mul(quotient, denominator)), two)
+    odd = op.Sub(quotient, op.Mul(op.Div(quotient, two), two))
+    above_half = op.CastLike(op.Greater(twice_remainder, denominator), numerator)
+    tie = op.CastLike(op.Equal(twice_remainder, denominator), numerator)
+    return op.Add(quotient, op.Add(above_half, op.Mul(tie, odd)))
+
+
+COMMON_FUNCTIONS = COMMON_FUNCTIONS + (FloorLog2, RoundDivHalfEven)

@@ -36,7 +36,7 @@ def register(cls: type[Scheme]) -> type[Scheme]:
 
 def _load_builtin() -> None:
     # Importing the family modules runs their @register decorators.
-    from . import ibert, ivit  # noqa: F401
+    from . import fqvit, ibert, ivit  # noqa: F401
 
 
 def get_scheme(op: str, name: str) -> Scheme:
@@ -78,4 +78,4 @@ def onnx_functions() -> list:
 
 
 # Each onnx_ops family module lists every function it defines, callees included, in FUNCTIONS.
-ONNX_FUNCTION_MODULES = ("onnx_ops.ibert", "onnx_ops.ivit")
+ONNX_FUNCTION_MODULES = ("onnx_ops.ibert", "onnx_ops.ivit", "onnx_ops.fqvit")
