@@ -26,8 +26,9 @@ _USER_ERRORS = (PlanError, CheckpointError, OutputPathError, SchemeError, DataEr
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from .evaluate import ModelFileError
+    from .nn import UnsafeSiteError
 
-    return (*_USER_ERRORS, ModelFileError)
+    return (*_USER_ERRORS, ModelFileError, UnsafeSiteError)
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:

@@ -247,6 +247,27 @@ class QuantAdd(nn.Module):
         return QTensor(out, q.scale, q.bits, q.signed)
 
 
+class UnsafeSiteError(ValueError):
+    """A scheme that cannot run safely at a site's scale or bit width."""
+
+
+def _constant_for_dtype(value, np_dtype) -> np.ndarray:
+    """A scheme constant as int32 or int64.
+
+    The 2^0..2^62 powers table some schemes gather from is cut to 2^0..2^30 for int32: a
+    scheme whose bounds are all below 2^31 never gathers a larger power.
+    """
+    from .intops import POWERS_OF_TWO
+
+    array = np.asarray(value, dtype=np.int64)
+    if np_dtype == np.int32:
+        if array.shape == (len(POWERS_OF_TWO),) and np.array_equal(array, POWERS_OF_TWO):
+            array = array[:31]
+        if np.any(np.abs(array) >= 2**31):
+            raise OverflowError(f"scheme constant {array.tolist()[:4]} does not fit int32")
+    return array.astype(np_dtype)
+
+
 class SchemeSite(nn.Module):
     """A non-linear layer whose integer scheme the plan chooses ("site").
 
@@ -282,17 +303,41 @@ class SchemeSite(nn.Module):
         scheme = self.scheme
         for statistic in scheme.calibration:
             options[statistic] = self.calibration_statistic(statistic)
-        return scheme.constants(SiteInput(scale=x.scale, bits=x.bits, length=self._length), **options)
+        try:
+            return scheme.constants(SiteInput(scale=x.scale, bits=x.bits, length=self._length), **options)
+        except (ValueError, OverflowError) as error:
+            raise UnsafeSiteError(f"site {self.site_name!r}, scheme {scheme.name!r}: {error}") from None
+
+    def onnx_dtype(self, c: SchemeConstants) -> int:
+        """int32 when every declared intermediate stays below 2^31, else int64.
+
+        Raises UnsafeSiteError when an intermediate can reach 2^62, where int64 products
+        and sums would no longer be safe.
+        """
+        bounds = self.scheme.bounds(c)
+        name, worst = max(bounds.items(), key=lambda item: item[1])
+        if worst >= 2**62:
+            raise UnsafeSiteError(
+                f"site {self.site_name!r}, scheme {self.scheme.name!r}: intermediate {name!r} can reach "
+                f"{worst} (2^{math.log2(worst):.1f}), past the int64 safety limit 2^62; choose another "
+                "scheme for this site or fewer input bits"
+            )
+        return TensorProto.INT32 if worst < 2**31 else TensorProto.INT64
 
     def calibration_statistic(self, name: str):
         raise ValueError(f"site {self.site_name!r} ({self.op}) does not collect {name!r}, "
                          f"which scheme {self.scheme_name!r} needs")
 
     def run_scheme_onnx(self, b: GraphBuilder, x: QTensor, c: SchemeConstants) -> str:
+        """Call the scheme's function in int32 or int64 (see onnx_dtype); returns int64 codes."""
         scheme = self.scheme
-        consts = [b.const(np.asarray(v, dtype=np.int64), name=f"{scheme.name}_const")
+        dtype = self.onnx_dtype(c)
+        np_dtype = np.int32 if dtype == TensorProto.INT32 else np.int64
+        consts = [b.const(_constant_for_dtype(v, np_dtype), dtype=np_dtype, name=f"{scheme.name}_const")
                   for v in scheme.onnx_constant_inputs(c)]
-        return b.call(scheme.onnx_function, [x.value, *consts], name=f"{self.op}_{scheme.name}")
+        x_value = b.cast(x.value, TensorProto.INT32) if dtype == TensorProto.INT32 else x.value
+        out = b.call(scheme.onnx_function, [x_value, *consts], name=f"{self.op}_{scheme.name}")
+        return b.cast(out, TensorProto.INT64) if dtype == TensorProto.INT32 else out
 
     def integer_forward(self, x: QTensor) -> QTensor:
         """The integer reference of this site on input codes `x` (eval mode)."""
