@@ -135,6 +135,62 @@ def plan_command(checkpoint, calib_dir, output, bits, batches, batch_size, rule,
     click.echo(f"wrote {output}, {stem}.sensitivity.json and {stem}.sensitivity.png")
 
 
+@main.command("train")
+@click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
+              help="plan.json for QAT (default: the mixed alternate plan).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
+              help="Run folder: last.pt, model.pt, plan.json, train_log.json.")
+@click.option("--float", "float_training", is_flag=True,
+              help="Train the float model from scratch instead of QAT (no CHECKPOINT).")
+@click.option("--model", "model_name", default="hnq_vit_fmnist", show_default=True,
+              help="timm model name for --float.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder with the four Fashion-MNIST idx files (default: /usr/share/datasets/fashion-mnist).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Training epochs (fractions allowed).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate of AdamW's cosine schedule (default 1e-4 for QAT, 2e-3 for --float).")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True,
+              help="Images per step and process.")
+@click.option("--bits", type=click.IntRange(4, 8), default=None, help="Activation bits (default: the plan's).")
+@click.option("--calib-batches", type=click.IntRange(1), default=8, show_default=True,
+              help="Calibration batches before QAT.")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Time budget in minutes: stop cleanly, evaluate and save when it runs out.")
+@click.option("--checkpoint-every", type=click.IntRange(0), default=100, show_default=True,
+              help="Steps between resumable checkpoints (last.pt); 0 writes one per epoch only.")
+@click.option("--resume", is_flag=True, help="Continue the run in --output from its last.pt.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_logging_options
+@_report_user_errors
+def train_command(checkpoint, plan_path, output, float_training, model_name, data_dir, epochs, lr, batch_size,
+                  bits, calib_batches, max_minutes, checkpoint_every, resume, seed, no_progress, verbose,
+                  quiet) -> None:
+    """Train on the built-in data: QAT of a float CHECKPOINT under a plan, or --float from scratch.
+
+    Runs under torchrun for several processes (gloo on CPU, NCCL on GPU).
+    """
+    from .qat import TrainJob, init_distributed, run_training
+
+    _configure_logging(verbose, quiet)
+    if float_training and checkpoint is not None:
+        raise click.UsageError("--float trains from scratch: drop CHECKPOINT, or drop --float for QAT")
+    if not float_training and checkpoint is None:
+        raise click.UsageError("QAT needs CHECKPOINT (a float model.pt); use --float to train one first")
+    init_distributed()
+    job = TrainJob(output=output, checkpoint=checkpoint, plan=plan_path, float_training=float_training,
+                   model_name=model_name, data_dir=data_dir, epochs=epochs,
+                   lr=lr if lr is not None else (2e-3 if float_training else 1e-4), batch_size=batch_size,
+                   act_bits=bits, calib_batches=calib_batches, seed=seed, max_minutes=max_minutes,
+                   checkpoint_every=checkpoint_every, resume=resume, progress=not no_progress)
+    log = run_training(job)
+    if "test_top1" in log:
+        click.echo(f"test top-1 {100 * log['test_top1']:.2f} % after {log['steps']} of {log['total_steps']} steps"
+                   f"{' (time budget reached)' if log['stopped_by_time_budget'] else ''}; wrote {output}/model.pt")
+
+
 @click.command("hnq-export")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
@@ -142,16 +198,28 @@ def plan_command(checkpoint, calib_dir, output, bits, batches, batch_size, rule,
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
 @click.option("--allow-plan-change", is_flag=True,
               help="Export with a plan that differs from the one the model was trained with.")
+@click.option("--float", "export_float", is_flag=True,
+              help="Export the float model instead: a float checkpoint's model, or the float parent saved in "
+                   "a quantized checkpoint (float32 logits, no plan).")
 @_logging_options
 @_report_user_errors
-def export_command(checkpoint, plan_path, output, allow_plan_change, verbose, quiet) -> None:
-    """Export a quantized checkpoint (model.pt) to an integer-only ONNX model."""
+def export_command(checkpoint, plan_path, output, allow_plan_change, export_float, verbose, quiet) -> None:
+    """Export a quantized checkpoint (model.pt) to an integer-only ONNX model, or with --float a float one."""
     from .io import check_output_path
     from .pipeline import export_from_checkpoint
     from .plan import Plan
 
     _configure_logging(verbose, quiet)
     check_output_path(output)
+    if export_float:
+        from .export import export_float_from_checkpoint
+
+        if plan_path is not None or allow_plan_change:
+            raise click.UsageError("--float exports the float model, which has no plan; "
+                                   "drop --plan and --allow-plan-change")
+        result = export_float_from_checkpoint(checkpoint, output)
+        click.echo(f"wrote {result.path} (float, {result.nodes} nodes, {result.bytes / 1024:.1f} KiB)")
+        return
     plan = Plan.load(plan_path) if plan_path is not None else None
     result = export_from_checkpoint(checkpoint, output, plan, allow_plan_change)
     click.echo(f"wrote {result.path} ({result.nodes} nodes, {result.bytes / 1024:.1f} KiB)")
@@ -174,7 +242,12 @@ def export_command(checkpoint, plan_path, output, allow_plan_change, verbose, qu
 @_report_user_errors
 def eval_command(model, image_dir, checkpoint, no_reference, batch_size, limit, provider, json_path, no_progress,
                  verbose, quiet) -> None:
-    """Evaluate an HNQ ONNX model on an image folder and check it bit for bit against PyTorch."""
+    """Evaluate an HNQ ONNX model on an image folder and check it bit for bit against PyTorch.
+
+    Images are resized and cropped as recorded in the model. Folders named by WordNet id
+    (n01440764, ...) get timm's ImageNet-1k class indices. Unreadable images are skipped
+    and listed. A float model (hnq-export --float) gets top-1 and top-5 only.
+    """
     from .evaluate import evaluate, write_report
     from .io import check_output_path
 
@@ -184,6 +257,11 @@ def eval_command(model, image_dir, checkpoint, no_reference, batch_size, limit, 
     report = evaluate(model, image_dir, checkpoint=checkpoint, reference=not no_reference, batch_size=batch_size,
                       limit=limit, provider=provider, progress=not no_progress)
     click.echo(report.table())
+    shown = 20
+    for item in report.skipped[:shown]:
+        click.echo(f"skipped {item['path']}: {item['reason']}", err=True)
+    if len(report.skipped) > shown:
+        click.echo(f"skipped {len(report.skipped) - shown} more images; --json lists them all", err=True)
     if json_path is not None:
         write_report(report, json_path)
         click.echo(f"wrote {json_path}")
