@@ -337,7 +337,12 @@ class SchemeSite(nn.Module):
                   for v in scheme.onnx_constant_inputs(c)]
         x_value = b.cast(x.value, TensorProto.INT32) if dtype == TensorProto.INT32 else x.value
         out = b.call(scheme.onnx_function, [x_value, *consts], name=f"{self.op}_{scheme.name}")
+        b.site_tensors[self.site_name] = {"input": x.value, "node": b.last_node_name, "scheme": scheme.name}
         return b.cast(out, TensorProto.INT64) if dtype == TensorProto.INT32 else out
+
+    def record_onnx_output(self, b: GraphBuilder, y: QTensor) -> QTensor:
+        b.site_tensors[self.site_name]["output"] = y.value
+        return y
 
     def integer_forward(self, x: QTensor) -> QTensor:
         """The integer reference of this site on input codes `x` (eval mode)."""
@@ -410,7 +415,8 @@ class SoftmaxSite(SchemeSite):
         self.in_quant.bits = self.input_bits()
         x = quantizer_requantize_onnx(b, self.in_quant, acc, acc_scale, acc_bound)
         c = self.constants(x, output_bits=self.output_bits)
-        return QTensor(self.run_scheme_onnx(b, x, c), c.output_scale, self.probability_bits(c), signed=False)
+        y = QTensor(self.run_scheme_onnx(b, x, c), c.output_scale, self.probability_bits(c), signed=False)
+        return self.record_onnx_output(b, y)
 
 
 class GeluSite(SchemeSite):
@@ -451,8 +457,8 @@ class GeluSite(SchemeSite):
     def to_onnx(self, b: GraphBuilder, x: QTensor) -> QTensor:
         c = self.constants(x)
         codes = self.run_scheme_onnx(b, x, c)
-        return quantizer_requantize_onnx(b, self.out_quant, codes, c.output_scale,
-                                         max(abs(c.output_min), abs(c.output_max)))
+        return self.record_onnx_output(b, quantizer_requantize_onnx(b, self.out_quant, codes, c.output_scale,
+                                                                    max(abs(c.output_min), abs(c.output_max))))
 
 
 class LayerNormSite(SchemeSite):
@@ -535,4 +541,5 @@ class LayerNormSite(SchemeSite):
         n = self.run_scheme_onnx(b, x, c)
         m, s, offset = self.affine_params(c)
         q = self.out_quant
-        return QTensor(b.requantize(n, m, s, q.code_min, q.code_max, offset=offset), q.scale, q.bits, q.signed)
+        y = QTensor(b.requantize(n, m, s, q.code_min, q.code_max, offset=offset), q.scale, q.bits, q.signed)
+        return self.record_onnx_output(b, y)

@@ -42,6 +42,10 @@ class GraphBuilder:
         self._counts: Counter[str] = Counter()
         self._scope: list[str] = []
         self._constant_cache: dict[tuple, str] = {}
+        # Site name -> its input and output tensors and the node that calls its scheme,
+        # recorded in the model's metadata so a mismatch can be traced to a site.
+        self.site_tensors: dict[str, dict[str, str]] = {}
+        self.last_node_name = ""
 
     # Naming ---------------------------------------------------------------------------
 
@@ -85,6 +89,7 @@ class GraphBuilder:
         outputs = [self.fresh(base if n_outputs == 1 else f"{base}_{i}") for i in range(n_outputs)]
         node_name = self.fresh(f"{base}_node")
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=node_name, domain=domain, **attrs))
+        self.last_node_name = node_name
         return outputs[0] if n_outputs == 1 else outputs
 
     def call(self, function, inputs: list[str], name: str | None = None) -> str:

@@ -1,0 +1,54 @@
+"""A mismatch explains itself: the report names the first differing site and leaves a reproducer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from hnq.api import load_quantized_model
+from hnq.diagnose import locate_mismatch, write_reproducer
+
+pytestmark = pytest.mark.slow
+
+
+def _tamper(model: onnx.ModelProto, prefix: str) -> str:
+    """Change one per-channel constant of the site under `prefix` by one step; return its name."""
+    for index, init in enumerate(model.graph.initializer):
+        array = numpy_helper.to_array(init)
+        if init.name.startswith(prefix) and array.ndim == 1 and array.size == 64 and np.abs(array).max() > 1000:
+            changed = array.copy()
+            changed[7] += np.sign(changed[7]) * (np.abs(changed[7]) // 50)
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(changed, init.name))
+            return init.name
+    raise AssertionError(f"no per-channel multiplier under {prefix}")
+
+
+def test_report_names_tampered_site(trained_bundle, tmp_path):
+    model = onnx.load(str(trained_bundle.onnx))
+    _tamper(model, "blocks.2/norm1/")
+    tampered = tmp_path / "tampered.onnx"
+    onnx.save(model, str(tampered))
+    qmodel, _, _ = load_quantized_model(trained_bundle.checkpoint)
+    pixels = trained_bundle.test_images[:16].numpy()
+    report, tensors = locate_mismatch(tampered, qmodel, pixels)
+    assert report is not None
+    assert report.site == "blocks.2.norm1"
+    assert report.where == "output"
+    assert report.mismatched > 0
+    assert "blocks.2/norm1" in report.node
+
+    folder = write_reproducer(tampered, report, tensors, tmp_path / "repro")
+    result = subprocess.run([sys.executable, "reproduce.py"], cwd=folder, capture_output=True, text=True, check=True)
+    assert "site: blocks.2.norm1" in result.stdout
+    assert f"mismatched: {report.mismatched}" in result.stdout
+
+
+def test_clean_model_has_no_mismatch(trained_bundle):
+    qmodel, _, _ = load_quantized_model(trained_bundle.checkpoint)
+    report, _ = locate_mismatch(trained_bundle.onnx, qmodel, trained_bundle.test_images[:8].numpy())
+    assert report is None
