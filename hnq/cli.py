@@ -254,20 +254,26 @@ def eval_command(model, image_dir, checkpoint, no_reference, batch_size, limit, 
     _configure_logging(verbose, quiet)
     if json_path is not None:
         check_output_path(json_path)
+    reproducer_dir = (json_path if json_path is not None else model).with_suffix(".mismatch")
     report = evaluate(model, image_dir, checkpoint=checkpoint, reference=not no_reference, batch_size=batch_size,
-                      limit=limit, provider=provider, progress=not no_progress)
+                      limit=limit, provider=provider, progress=not no_progress, reproducer_dir=reproducer_dir)
     click.echo(report.table())
-    shown = 20
-    for item in report.skipped[:shown]:
+    max_listed = 20
+    for item in report.skipped[:max_listed]:
         click.echo(f"skipped {item['path']}: {item['reason']}", err=True)
-    if len(report.skipped) > shown:
-        click.echo(f"skipped {len(report.skipped) - shown} more images; --json lists them all", err=True)
+    if len(report.skipped) > max_listed:
+        click.echo(f"skipped {len(report.skipped) - max_listed} more images; --json lists them all", err=True)
     if json_path is not None:
         write_report(report, json_path)
         click.echo(f"wrote {json_path}")
     if report.mismatched:
         click.echo(f"error: {report.mismatched} of {report.compared} images differ between ONNX Runtime and the "
                    f"integer reference (first: {report.first_mismatch})", err=True)
+        if report.mismatch_site is not None:
+            site = report.mismatch_site
+            click.echo(f"first differing site: {site['site']} (scheme {site['scheme']}, ONNX node {site['node']}, "
+                       f"its {site['where']}): {site['mismatched']} codes differ, largest difference "
+                       f"{site['max_difference']}; reproducer in {report.reproducer}", err=True)
         sys.exit(1)
 
 

@@ -16,12 +16,13 @@ import re
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,16 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", 
 # them (seen with Pillow 13.0), so load_image scales them itself.
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
+# timm's interpolation names (timm.data.transforms.str_to_pil_interp) and their Pillow filters.
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
 _INSTALL_HINT = (
     "install the data with `apt-get install dataset-fashion-mnist` as root, or pass "
     "--data-dir with a folder holding the four idx files "
@@ -71,6 +82,18 @@ _INSTALL_HINT = (
 
 class DataError(ValueError):
     """A data file or folder is missing or invalid; the message names it and the fix."""
+
+
+class ImageReadError(DataError):
+    """An image file that cannot be decoded or converted (corrupt, truncated, unsupported)."""
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image left out of an evaluation, with the reason."""
+
+    path: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -338,18 +361,11 @@ def _move_into_place(source: Path, destination: Path) -> None:
     logger.info("replaced the existing folder %s", destination)
 
 
-def scan_image_folder(
-    root: str | os.PathLike[str], class_names: Sequence[str] | None = None
-) -> list[tuple[Path, int]]:
-    """List (image path, class index) pairs of an image folder in the ImageNet layout.
+def list_class_folders(root: str | os.PathLike[str]) -> list[Path]:
+    """List the class sub-folders of an image folder, sorted by name.
 
-    Class sub-folders are sorted by name and numbered in that order, as torchvision's
-    ImageFolder does; folders whose names start with '.' are skipped. With
-    `class_names`, the number of class folders must equal the number of names. When
-    every folder is named after a class (the class name itself, its safe file name, or
-    the `class_folder_name` that write_image_folder uses), folders are mapped by name
-    instead. Images are files with an extension in IMAGE_EXTENSIONS, in any letter case,
-    sorted by name within each class.
+    Folders whose names start with '.' are skipped. Raises DataError when `root` is
+    missing, not a folder, or has no class sub-folders.
     """
     root = Path(root)
     if not root.exists():
@@ -370,8 +386,39 @@ def scan_image_folder(
             f"image folder {root} has no class sub-folders; put the images of each class in "
             "a sub-folder of its own (ImageNet validation layout)"
         )
+    return class_dirs
 
-    indices = _class_indices(root, class_dirs, class_names)
+
+def scan_image_folder(
+    root: str | os.PathLike[str],
+    class_names: Sequence[str] | None = None,
+    folder_indices: Mapping[str, int] | None = None,
+) -> list[tuple[Path, int]]:
+    """List (image path, class index) pairs of an image folder in the ImageNet layout.
+
+    Class sub-folders are sorted by name and numbered in that order, as torchvision's
+    ImageFolder does; folders whose names start with '.' are skipped. With
+    `class_names`, the number of class folders must equal the number of names. When
+    every folder is named after a class (the class name itself, its safe file name, or
+    the `class_folder_name` that write_image_folder uses), folders are mapped by name
+    instead. With `folder_indices` (folder name to class index, such as WordNet id to
+    ImageNet index), every folder must be in it and `class_names` is ignored. Images are
+    files with an extension in IMAGE_EXTENSIONS, in any letter case, sorted by name
+    within each class.
+    """
+    root = Path(root)
+    class_dirs = list_class_folders(root)
+    if folder_indices is not None:
+        missing = [class_dir.name for class_dir in class_dirs if class_dir.name not in folder_indices]
+        if missing:
+            raise DataError(
+                f"image folder {root} has class folders without a class index: "
+                f"{', '.join(missing[:5])}; rename or remove them"
+            )
+        indices = [int(folder_indices[class_dir.name]) for class_dir in class_dirs]
+    else:
+        indices = _class_indices(root, class_dirs, class_names)
+
     samples: list[tuple[Path, int]] = []
     for class_dir, index in zip(class_dirs, indices):
         image_paths = sorted(
@@ -424,33 +471,107 @@ def _class_indices(
     return list(range(len(class_dirs)))
 
 
-def load_image(path: str | os.PathLike[str], size: tuple[int, int], channels: int) -> np.ndarray:
+def load_image(
+    path: str | os.PathLike[str],
+    size: tuple[int, int],
+    channels: int,
+    resize: int | Sequence[int] | None = None,
+    interpolation: str = "bilinear",
+) -> np.ndarray:
     """Read an image file into a uint8 array [channels, height, width].
 
-    `size` is (height, width). The image is not resized: a file of another size raises
-    DataError. `channels` is 1 (grey-scale) or 3 (RGB).
+    `size` is (height, width) of the result and `channels` is 1 (grey-scale) or 3 (RGB).
+    Without `resize`, the image is not resized and a file of another size raises
+    DataError. With `resize`, the image is converted to `channels` first and then goes
+    through `resize_and_center_crop`, as timm's evaluation transform does. Raises
+    ImageReadError (a DataError) when the file cannot be decoded or converted.
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     path = Path(path)
-    height, width = size
     try:
         with Image.open(path) as image:
-            if image.size != (width, height):
-                raise DataError(
-                    f"image {path} is {image.width}x{image.height} (width x height) but "
-                    f"{width}x{height} is expected; resize the images to {width}x{height} "
-                    f"or export the model for {image.width}x{image.height}"
-                )
+            if resize is None:
+                _check_image_size(path, image, size)
             array = _convert_image(image, channels)
-    except (UnidentifiedImageError, OSError) as error:
-        raise DataError(
+    except DataError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        # Pillow raises UnidentifiedImageError (an OSError) for files it cannot identify,
+        # OSError for truncated data and ValueError for modes it cannot convert.
+        raise ImageReadError(
             f"failed to read image {path}: {error}; replace or remove the file"
         ) from error
 
+    if resize is not None:
+        array = resize_and_center_crop(array, size, resize, interpolation)
     if channels == 1:
         return array[np.newaxis]
     return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def _check_image_size(path: Path, image: Image.Image, size: tuple[int, int]) -> None:
+    height, width = size
+    if image.size != (width, height):
+        raise DataError(
+            f"image {path} is {image.width}x{image.height} (width x height) but "
+            f"{width}x{height} is expected; resize the images to {width}x{height} "
+            f"or export the model for {image.width}x{image.height}"
+        )
+
+
+def check_interpolation(name: str) -> Image.Resampling:
+    """Return the Pillow filter for a timm interpolation name; raise DataError if unknown."""
+    try:
+        return INTERPOLATIONS[name]
+    except KeyError:
+        raise DataError(
+            f"unknown interpolation {name!r}; use one of {', '.join(sorted(INTERPOLATIONS))}"
+        ) from None
+
+
+def resize_and_center_crop(
+    array: np.ndarray, size: tuple[int, int], resize: int | Sequence[int], interpolation: str
+) -> np.ndarray:
+    """Resize a uint8 [H, W] or [H, W, 3] image and center-crop it to `size` (height, width).
+
+    Follows torchvision's Resize and CenterCrop on Pillow images, which timm's evaluation
+    transform uses: an int `resize` scales the shorter side to `resize` and the longer
+    side to int(resize * longer / shorter). A [height, width] `resize` scales by the
+    smaller of the two side ratios, aspect ratio kept, with rounded sides (timm's
+    ResizeKeepRatio). The crop offset is round((side - crop) / 2); an image smaller than
+    the crop is padded with zeros first, as torchvision does.
+    """
+    resample = check_interpolation(interpolation)
+    height, width = array.shape[:2]
+    if isinstance(resize, int):
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = resize, int(resize * long / short)
+        new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
+    else:
+        target_height, target_width = resize
+        ratio = min(height / target_height, width / target_width)
+        new_height, new_width = round(height / ratio), round(width / ratio)
+    if (new_width, new_height) != (width, height):
+        resized = Image.fromarray(array).resize((new_width, new_height), resample)
+        array = np.asarray(resized, dtype=np.uint8)
+    return _center_crop(array, size)
+
+
+def _center_crop(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    crop_height, crop_width = size
+    height, width = array.shape[:2]
+    if crop_height > height or crop_width > width:
+        pad_top = (crop_height - height) // 2 if crop_height > height else 0
+        pad_bottom = (crop_height - height + 1) // 2 if crop_height > height else 0
+        pad_left = (crop_width - width) // 2 if crop_width > width else 0
+        pad_right = (crop_width - width + 1) // 2 if crop_width > width else 0
+        padding = [(pad_top, pad_bottom), (pad_left, pad_right)] + [(0, 0)] * (array.ndim - 2)
+        array = np.pad(array, padding)
+        height, width = array.shape[:2]
+    top = int(round((height - crop_height) / 2.0))
+    left = int(round((width - crop_width) / 2.0))
+    return np.ascontiguousarray(array[top : top + crop_height, left : left + crop_width])
 
 
 def _convert_image(image: Image.Image, channels: int) -> np.ndarray:
@@ -490,19 +611,56 @@ def iter_image_batches(
     batch_size: int,
     progress: bool = True,
     desc: str = "images",
+    resize: int | Sequence[int] | None = None,
+    interpolation: str = "bilinear",
+    skipped: list[SkippedImage] | None = None,
+    workers: int = 1,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[Path]]]:
     """Load `samples` in order and yield (uint8 images [B, C, H, W], int64 labels [B], paths).
 
     The last batch contains the remainder and may be smaller than `batch_size`. `size` is
-    (height, width). With `progress`, a tqdm bar shows images per second and the ETA.
+    (height, width); `resize` and `interpolation` are passed to load_image. With a
+    `skipped` list, an image that raises ImageReadError is appended to it and left out of
+    its batch, so a batch may be smaller, and an empty one is not yielded. Without a
+    `skipped` list, the error is raised. Other DataErrors, such as a wrong image size,
+    are always raised.
+    `workers` threads decode the images of a batch (Pillow releases the GIL while
+    decoding and resizing); the result does not depend on it. With `progress`, a tqdm bar
+    shows images per second and the ETA.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress) as bar:
-        for start in range(0, len(samples), batch_size):
-            batch = samples[start : start + batch_size]
-            paths = [Path(path) for path, _ in batch]
-            images = np.stack([load_image(path, size, channels) for path in paths])
-            labels = np.array([label for _, label in batch], dtype=np.int64)
-            bar.update(len(batch))
-            yield images, labels, paths
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if resize is not None:
+        check_interpolation(interpolation)
+
+    def load(path: Path) -> np.ndarray | SkippedImage:
+        try:
+            return load_image(path, size, channels, resize, interpolation)
+        except ImageReadError as error:
+            if skipped is None:
+                raise
+            return SkippedImage(str(path), str(error.__cause__ or error))
+
+    executor = ThreadPoolExecutor(max_workers=workers) if workers > 1 else None
+    try:
+        with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress) as bar:
+            for start in range(0, len(samples), batch_size):
+                batch = samples[start : start + batch_size]
+                paths = [Path(path) for path, _ in batch]
+                loaded = list(executor.map(load, paths)) if executor else [load(path) for path in paths]
+                bar.update(len(batch))
+                readable = [i for i, item in enumerate(loaded) if not isinstance(item, SkippedImage)]
+                for item in loaded:
+                    if isinstance(item, SkippedImage):
+                        logger.warning("skipped %s: %s", item.path, item.reason)
+                        skipped.append(item)
+                if not readable:
+                    continue
+                images = np.stack([loaded[i] for i in readable])
+                labels = np.array([batch[i][1] for i in readable], dtype=np.int64)
+                yield images, labels, [paths[i] for i in readable]
+    finally:
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)

@@ -99,6 +99,11 @@ def load_checkpoint(path: str | Path, expect_kind: str | None = None) -> dict[st
         raise CheckpointError(f"checkpoint {path} not found; pass the model.pt written by `hnq demo` or `hnq qat`")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was not written completely, so re-create it")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable torch file (truncated or corrupt?): torch.save writes a zip "
+            "archive and this file is not one; re-create it with hnq"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

@@ -28,7 +28,7 @@ from .api import (
 )
 from .data import FASHION_MNIST_CLASSES, load_fashion_mnist, write_image_folder
 from .evaluate import EvalReport, evaluate, write_report
-from .export import ExportResult, checkpoint_reference, export_onnx
+from .export import ExportResult, export_onnx, model_metadata
 from .io import atomic_write_text
 from .plan import Plan, alternate_plan, apply_plan
 from .train import TrainConfig, calibrate, predict, top1, train_float, train_qat
@@ -52,25 +52,15 @@ class DemoConfig:
 
 def export_from_checkpoint(checkpoint: Path, output: Path, plan: Plan | None = None,
                            allow_plan_change: bool = False) -> ExportResult:
-    """What `hnq-export` does: rebuild the integer model from a checkpoint and write ONNX."""
+    """Rebuild the integer model from a checkpoint and write ONNX (what `hnq-export` does).
+
+    The preprocessing metadata (resize, crop, interpolation) comes from the checkpoint's
+    arch, as hnq.export.model_metadata describes.
+    """
     qmodel, used_plan, payload = load_quantized_model(checkpoint, plan, allow_plan_change)
-    arch = payload["arch"]
-    channels = qmodel.image_shape[0]
     metadata: dict[str, Any] = {
-        "hnq.model": arch.get("timm_name", "unknown"),
-        "hnq.class_names": list(payload.get("class_names", [str(i) for i in range(qmodel.num_classes)])),
-        "hnq.preprocessing": {
-            # Mean and std are folded into the patch embedding: the model takes raw pixels.
-            "resize": payload.get("resize"),
-            "crop": payload.get("crop"),
-            "interpolation": payload.get("interpolation", "bilinear"),
-            "mean": arch["mean"],
-            "std": arch["std"],
-            "normalization_in_model": True,
-            "color": "L" if channels == 1 else "RGB",
-        },
+        **model_metadata(payload, qmodel.image_shape, qmodel.num_classes, checkpoint, output),
         "hnq.bits": used_plan.bits,
-        **checkpoint_reference(checkpoint, output),
     }
     return export_onnx(qmodel, used_plan, output, metadata)
 

@@ -50,7 +50,7 @@ def test_plan_unknown_scheme_is_rejected(trained_bundle, tmp_path):
     result, _ = _export(trained_bundle, tmp_path, plan, extra=["--allow-plan-change"])
     assert result.exit_code == EXIT_BAD_INPUT
     assert "'shiftmaxx'" in result.output
-    assert "available: ibert, ivit" in result.output
+    assert "available: fqvit, ibert, ivit" in result.output
 
 
 def test_plan_fqvit_gelu_is_rejected_with_reason(trained_bundle, tmp_path):

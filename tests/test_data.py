@@ -546,3 +546,138 @@ def test_batches_bad_size(tmp_path):
 
 def test_batches_empty(tmp_path):
     assert list(iter_image_batches([], (4, 4), 1, batch_size=8, progress=False)) == []
+
+
+# ---------------------------------------------------------------------------
+# Resize and center crop, skipping unreadable images
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "height, width, resize, interpolation",
+    [
+        (300, 451, 248, "bicubic"),  # landscape
+        (451, 300, 248, "bilinear"),  # portrait
+        (100, 120, 256, "bicubic"),  # upscaled
+        (248, 248, 248, "bicubic"),  # already the resize size
+    ],
+)
+def test_resize_crop_matches_torchvision(height, width, resize, interpolation):
+    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+
+    rgb = np.random.default_rng(4).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    mode = InterpolationMode(interpolation)
+    expected = np.asarray(CenterCrop(224)(Resize(resize, interpolation=mode)(Image.fromarray(rgb))))
+    ours = data.resize_and_center_crop(rgb, (224, 224), resize, interpolation)
+    assert ours.shape == (224, 224, 3)
+    assert np.array_equal(ours, expected)
+
+
+def test_center_crop_pads_small_image():
+    from torchvision.transforms import CenterCrop
+
+    grey = np.random.default_rng(5).integers(1, 256, (5, 8), dtype=np.uint8)
+    expected = np.asarray(CenterCrop((9, 6))(Image.fromarray(grey)))
+    ours = data._center_crop(grey, (9, 6))
+    assert np.array_equal(ours, expected)
+    assert ours[0].sum() == 0  # a padded row
+
+
+def test_resize_to_height_width_keeps_ratio():
+    # [height, width] scales by the smaller side ratio: 400x600 to cover 200x250 -> 200x300.
+    rgb = np.zeros((400, 600, 3), dtype=np.uint8)
+    rgb[:, 300:] = 255
+    out = data.resize_and_center_crop(rgb, (200, 250), [200, 250], "bilinear")
+    assert out.shape == (200, 250, 3)
+    assert out[:, 0].max() == 0
+    assert out[:, -1].min() == 255
+
+
+def test_resize_unknown_interpolation():
+    with pytest.raises(DataError) as error:
+        data.resize_and_center_crop(np.zeros((4, 4), dtype=np.uint8), (2, 2), 3, "cubic")
+    assert "'cubic'" in str(error.value)
+    assert "bicubic" in str(error.value)
+
+
+def test_load_with_resize_any_size(tmp_path):
+    path = save_png(tmp_path / "wide.png", np.full((30, 50), 77, dtype=np.uint8))
+    image = load_image(path, (28, 28), 1, resize=32, interpolation="bicubic")
+    assert image.shape == (1, 28, 28)
+    assert np.all(image == 77)
+
+
+def test_load_unreadable_is_image_read_error(tmp_path):
+    path = tmp_path / "text.jpg"
+    path.write_text("not an image")
+    with pytest.raises(data.ImageReadError) as error:
+        load_image(path, (4, 4), 3)
+    assert str(path) in str(error.value)
+
+
+def test_batches_skip_unreadable(tmp_path):
+    good = [save_png(tmp_path / f"{i}.png", np.full((4, 4), i, dtype=np.uint8)) for i in range(3)]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage")
+    samples = [(good[0], 0), (bad, 1), (good[1], 2), (good[2], 3)]
+    skipped: list[data.SkippedImage] = []
+    batches = list(iter_image_batches(samples, (4, 4), 1, batch_size=2, progress=False, skipped=skipped))
+    assert [labels.tolist() for _, labels, _ in batches] == [[0], [2, 3]]
+    assert [paths for _, _, paths in batches][0] == [good[0]]
+    assert [item.path for item in skipped] == [str(bad)]
+    assert skipped[0].reason
+
+
+def test_batches_skip_whole_batch(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("x")
+    good = save_png(tmp_path / "good.png", np.zeros((4, 4), dtype=np.uint8))
+    skipped: list[data.SkippedImage] = []
+    batches = list(iter_image_batches([(bad, 0), (good, 1)], (4, 4), 1, 1, progress=False, skipped=skipped))
+    assert len(batches) == 1
+    assert batches[0][1].tolist() == [1]
+    assert len(skipped) == 1
+
+
+def test_batches_raise_without_skip_list(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("x")
+    with pytest.raises(data.ImageReadError):
+        list(iter_image_batches([(bad, 0)], (4, 4), 1, 1, progress=False))
+
+
+def test_batches_wrong_size_not_skipped(tmp_path):
+    # A size mismatch without resize is a setup error for the whole folder, so it raises.
+    path = save_png(tmp_path / "big.png", np.zeros((8, 8), dtype=np.uint8))
+    skipped: list[data.SkippedImage] = []
+    with pytest.raises(DataError) as error:
+        list(iter_image_batches([(path, 0)], (4, 4), 1, 1, progress=False, skipped=skipped))
+    assert not isinstance(error.value, data.ImageReadError)
+    assert skipped == []
+
+
+def test_batches_workers_keep_order(tmp_path):
+    samples = [
+        (save_png(tmp_path / f"{i:02d}.png", np.full((6, 6), i, dtype=np.uint8)), i) for i in range(20)
+    ]
+    serial = list(iter_image_batches(samples, (6, 6), 1, 7, progress=False))
+    threaded = list(iter_image_batches(samples, (6, 6), 1, 7, progress=False, workers=4))
+    for (images_a, labels_a, _), (images_b, labels_b, _) in zip(serial, threaded):
+        assert np.array_equal(images_a, images_b)
+        assert np.array_equal(labels_a, labels_b)
+    assert [int(images[0, 0, 0, 0]) for images, _, _ in threaded] == [0, 7, 14]
+
+
+def test_scan_folder_indices(tmp_path):
+    for name in ("n02", "n01"):
+        save_png(tmp_path / name / "1.png", np.zeros((4, 4), dtype=np.uint8))
+    samples = scan_image_folder(tmp_path, folder_indices={"n01": 7, "n02": 3})
+    assert [(path.parent.name, label) for path, label in samples] == [("n01", 7), ("n02", 3)]
+
+
+def test_scan_folder_indices_missing_folder(tmp_path):
+    for name in ("n01", "extra"):
+        save_png(tmp_path / name / "1.png", np.zeros((4, 4), dtype=np.uint8))
+    with pytest.raises(DataError) as error:
+        scan_image_folder(tmp_path, folder_indices={"n01": 0})
+    assert "extra" in str(error.value)

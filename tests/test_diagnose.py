@@ -52,3 +52,27 @@ def test_clean_model_has_no_mismatch(trained_bundle):
     qmodel, _, _ = load_quantized_model(trained_bundle.checkpoint)
     report, _ = locate_mismatch(trained_bundle.onnx, qmodel, trained_bundle.test_images[:8].numpy())
     assert report is None
+
+
+def test_eval_cli_reports_site_and_writes_reproducer(trained_bundle, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from hnq.cli import eval_command
+
+    model = onnx.load(str(trained_bundle.onnx))
+    _tamper(model, "blocks.1/norm2/")
+    tampered = trained_bundle.folder / "tampered_eval.onnx"  # beside the checkpoint it records
+    onnx.save(model, str(tampered))
+    report_path = tmp_path / "eval.json"
+    try:
+        result = CliRunner().invoke(eval_command, [str(tampered), "--imagenet", str(trained_bundle.images),
+                                                   "--limit", "64", "--json", str(report_path), "--no-progress"])
+    finally:
+        tampered.unlink()
+    assert result.exit_code == 1, result.output
+    assert "first differing site: blocks.1.norm2" in result.output
+    assert (tmp_path / "eval.mismatch" / "site.onnx").is_file()
+    assert (tmp_path / "eval.mismatch" / "reproduce.py").is_file()
+    shutil.rmtree(tmp_path / "eval.mismatch")
