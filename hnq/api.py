@@ -154,3 +154,54 @@ def search_plan(checkpoint: str | Path, calib_dir: str | Path, act_bits: int | N
     plan.notes["calibration"] = {"passes": 1 if calibrated else 0,
                                  "images": sum(len(b) for b in image_batches) if calibrated else 0}
     return plan, result, qmodel
+
+
+def default_plan(float_model: PixelClassifier, act_bits: int = 8, family: str | None = None) -> Plan:
+    """A plan for `float_model` before any search: one `family` everywhere, or the alternate mix.
+
+    With a family that has no scheme for an op (FQ-ViT has no integer GELU), those sites
+    take I-BERT's scheme.
+    """
+    import copy
+
+    from models import QuantConfig
+
+    from .plan import alternate_plan
+    from .schemes.registry import UNSUPPORTED
+
+    bits = bits_from_quant_config(QuantConfig(act_bits=act_bits))
+    sites = quantize_model(copy.deepcopy(float_model), quant_config_from_bits(bits)).sites()
+    name = getattr(float_model.model, "default_cfg", {}).get("architecture", type(float_model.model).__name__)
+    if family is None:
+        return alternate_plan(name, sites, bits)
+    entries = {site_name: {"op": site.op, "scheme": "ibert" if (site.op, family) in UNSUPPORTED else family}
+               for site_name, site in sites.items()}
+    return Plan(model=name, bits=bits, sites=entries, rule=f"uniform-{family}")
+
+
+def check_bit_exact(onnx_model, qmodel: nn.Module, pixels) -> dict[str, Any]:
+    """Run `pixels` (uint8 [N, C, H, W]) through ORT and the integer reference; compare the codes.
+
+    `onnx_model` is a path or a ModelProto. Returns compared and mismatched counts and, on a
+    mismatch, the first differing site (see hnq.diagnose).
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    pixels = torch.as_tensor(pixels)
+    source = onnx_model.SerializeToString() if isinstance(onnx_model, onnx.ModelProto) else str(onnx_model)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    codes = session.run(None, {session.get_inputs()[0].name: pixels.numpy()})[0].astype(np.int64)
+    qmodel.eval()
+    reference, _ = qmodel.logits_codes(pixels)
+    differs = codes != reference.numpy()
+    result: dict[str, Any] = {"compared": int(pixels.shape[0]), "mismatched": int(differs.any(axis=1).sum()),
+                              "mismatched_codes": int(differs.sum()), "first_site": None}
+    if result["mismatched"] and not isinstance(onnx_model, onnx.ModelProto):
+        from .diagnose import locate_mismatch
+
+        report, _ = locate_mismatch(onnx_model, qmodel, pixels.numpy())
+        result["first_site"] = report.to_dict() if report is not None else None
+    return result

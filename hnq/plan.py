@@ -30,7 +30,7 @@ BIT_KEYS = {"activation", "weight", "residual", "softmax", "logits"}
 SITE_KEYS = {"op", "scheme", "metrics"}
 TOP_KEYS = {"format", "version", "model", "bits", "rule", "sites", "notes"}
 
-# Families mixed by the "alternate" rule, per op, indexed by block parity.
+# Families mixed by the "alternate" rule, per op, taken in turn along the model.
 ALTERNATE_FAMILIES = {
     "softmax": ("ivit", "ibert"),
     "gelu": ("ibert", "ivit"),
@@ -198,17 +198,16 @@ def _bit_range_problems(bits: dict[str, Any]) -> list[str]:
 
 
 def alternate_plan(model_name: str, sites: dict[str, Any], bits: dict[str, int]) -> Plan:
-    """A mixed plan that alternates I-BERT and I-ViT per op by block index.
+    """A mixed plan that alternates I-BERT and I-ViT per op, in model order.
 
     This is a fixed pattern, not a measured choice: `hnq plan` chooses per site by
     sensitivity. It exists so a model can be quantized with both families before a search.
     """
+    seen: dict[str, int] = {}
     entries = {}
     for name, site in sites.items():
-        parts = name.split(".")
-        index = int(parts[1]) if parts[0] == "blocks" else 0
-        if name.endswith("norm2"):
-            index += 1  # so norm1 and norm2 of one block differ
+        index = seen.get(site.op, 0)
+        seen[site.op] = index + 1
         entries[name] = {"op": site.op, "scheme": ALTERNATE_FAMILIES[site.op][index % 2]}
     return Plan(model=model_name, bits=dict(bits), sites=entries, rule="alternate")
 

@@ -1,4 +1,4 @@
-"""Integer-only adapter for timm's VisionTransformer (ViT, DeiT without distillation).
+"""Integer-only adapter for timm's VisionTransformer (ViT, DeiT) and VisionTransformerDistilled.
 
 ViT: Dosovitskiy et al., "An Image is Worth 16x16 Words", ICLR 2021, arXiv 2010.11929.
 DeiT: Touvron et al., "Training data-efficient image transformers", ICML 2021, arXiv 2012.12877.
@@ -7,6 +7,8 @@ Reference code: timm (huggingface/pytorch-image-models), `timm/models/vision_tra
 `QuantViT` mirrors `VisionTransformer.forward` step by step, sharing the timm model's
 parameters. The model input is the uint8 pixel tensor [N, C, H, W]; the normalization
 (x / 255 - mean) / std is folded into the patch embedding, so the graph starts on integers.
+A distilled DeiT carries a class and a distillation token and two heads, whose eval-mode
+logits (head(cls) + head_dist(dist)) / 2 are averaged in integers by `QuantLinearAverage`.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from onnx import TensorProto
 from timm.layers import Attention
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
 from hnq.intops import round_shift
@@ -34,7 +38,7 @@ from hnq.nn import (
     quantizer_requantize_onnx,
 )
 from hnq.onnx_builder import GraphBuilder
-from hnq.quant import ActQuantizer, QTensor, safe_dyadic
+from hnq.quant import ActQuantizer, QTensor, fake_quantize, fake_quantize_weight, safe_dyadic, weight_scales
 
 # Options of timm's VisionTransformer that QuantViT does not mirror, with the reason.
 UNSUPPORTED_VIT_OPTIONS: dict[str, str] = {
@@ -46,6 +50,8 @@ UNSUPPORTED_VIT_OPTIONS: dict[str, str] = {
     "qk_norm": "normalized queries and keys add LayerNorms that are not sites yet",
     "init_values": "LayerScale (per-channel gains on each branch) is not lowered",
     "dynamic_img_size": "the integer graph is exported for one input size",
+    "distilled_training": "separate class and distillation logits in training are not mirrored: "
+                          "the adapter always returns their average",
 }
 
 
@@ -104,6 +110,8 @@ def check_supported(vit: VisionTransformer) -> None:
             problems.append(("init_values", f"blocks.{i}"))
     if getattr(vit, "dynamic_img_size", False):
         problems.append(("dynamic_img_size", True))
+    if getattr(vit, "distilled_training", False):
+        problems.append(("distilled_training", True))
     if problems:
         lines = [f"{option}={value!r}: {UNSUPPORTED_VIT_OPTIONS[option]}" for option, value in problems]
         raise NotImplementedError("this VisionTransformer uses options HNQ cannot quantize:\n  " + "\n  ".join(lines))
@@ -151,45 +159,121 @@ class QuantPatchEmbed(QuantLinear):
 
 
 class QuantEmbed(nn.Module):
-    """Class token and position embedding added to the patch tokens, on the residual grid."""
+    """Prefix tokens (class, and distillation if present) and position embedding, on the residual grid."""
 
-    def __init__(self, cls_token: nn.Parameter, pos_embed: nn.Parameter, residual_bits: int):
+    def __init__(self, cls_token: nn.Parameter, pos_embed: nn.Parameter, residual_bits: int,
+                 dist_token: nn.Parameter | None = None):
         super().__init__()
         self.cls_token = cls_token
+        self.dist_token = dist_token
         self.pos_embed = pos_embed
         self.out_quant = ActQuantizer(residual_bits)
 
+    def prefix_tokens(self) -> torch.Tensor:
+        """Return the prefix tokens in model order, [P, D]."""
+        tokens = [self.cls_token[0]]
+        if self.dist_token is not None:
+            tokens.append(self.dist_token[0])
+        return torch.cat(tokens, dim=0)
+
     def integer_params(self, patches: QTensor) -> tuple[int, int, np.ndarray, np.ndarray]:
-        """m, s for the patch codes, the pos offsets pre-scaled by 2^s, and the class-token codes."""
+        """m, s for the patch codes, the pos offsets pre-scaled by 2^s, and the prefix-token codes [P, D]."""
         q = self.out_quant
-        pos = self.pos_embed.detach().double()[0]  # [1 + L, D]
+        pos = self.pos_embed.detach().double()[0]  # [P + L, D]
+        prefix = self.prefix_tokens().detach().double()
+        n_prefix = prefix.shape[0]
         bound = max(abs(patches.code_min), patches.code_max)
         offset_cap = 2 ** (q.bits + 1)  # past the clamp either way
         d = safe_dyadic(patches.scale / q.scale, bound, offset_bound=offset_cap)
-        pos_codes = (pos[1:] / q.scale).clamp(-offset_cap, offset_cap)
+        pos_codes = (pos[n_prefix:] / q.scale).clamp(-offset_cap, offset_cap)
         offsets = torch.floor(pos_codes * 2.0**d.shift + 0.5).to(torch.int64).numpy()
-        cls = torch.round((self.cls_token.detach().double()[0, 0] + pos[0]) / q.scale).clamp(q.code_min, q.code_max)
-        return d.multiplier, d.shift, offsets, cls.to(torch.int64).numpy()
+        head = torch.round((prefix + pos[:n_prefix]) / q.scale).clamp(q.code_min, q.code_max)
+        return d.multiplier, d.shift, offsets, head.to(torch.int64).numpy()
 
     def forward(self, patches: QTensor) -> QTensor:
         q = self.out_quant
         n = patches.value.shape[0]
         if self.training:
-            tokens = torch.cat([self.cls_token.expand(n, -1, -1), patches.value], dim=1) + self.pos_embed
+            prefix = self.prefix_tokens().unsqueeze(0).expand(n, -1, -1)
+            tokens = torch.cat([prefix, patches.value], dim=1) + self.pos_embed
             return q(tokens)
-        m, s, offsets, cls = self.integer_params(patches)
+        m, s, offsets, prefix = self.integer_params(patches)
         body = round_shift(patches.value * m + torch.from_numpy(offsets), s).clamp(q.code_min, q.code_max)
-        head = torch.from_numpy(cls).view(1, 1, -1).expand(n, 1, -1)
+        head = torch.from_numpy(prefix).unsqueeze(0).expand(n, -1, -1)
         return QTensor(torch.cat([head, body], dim=1), q.scale, q.bits, q.signed)
 
     def to_onnx(self, b: GraphBuilder, patches: QTensor) -> QTensor:
         q = self.out_quant
-        m, s, offsets, cls = self.integer_params(patches)
+        m, s, offsets, prefix = self.integer_params(patches)
         body = b.requantize(patches.value, m, s, q.code_min, q.code_max, offset=offsets)
         batch = b.node("Slice", [b.node("Shape", [patches.value]), b.const([0]), b.const([1])])
-        target = b.node("Concat", [batch, b.const([1, cls.shape[0]])], axis=0)
-        head = b.node("Expand", [b.const(cls.reshape(1, 1, -1), name="cls_token"), target])
+        target = b.node("Concat", [batch, b.const(list(prefix.shape))], axis=0)
+        head = b.node("Expand", [b.const(prefix[np.newaxis], name="prefix_tokens"), target])
         return QTensor(b.node("Concat", [head, body], axis=1, name="tokens"), q.scale, q.bits, q.signed)
+
+
+def linear_preactivation(linear: QuantLinear, x: QTensor) -> torch.Tensor:
+    """QAT or float mode: the real output of `linear` before its output quantizer."""
+    weight = linear.effective_weight()
+    bias = linear.effective_bias()
+    if not linear.quant_enabled:
+        return F.linear(x.value, weight, bias)
+    if bias is not None:
+        acc_scales = (weight_scales(weight, linear.weight_bits) * x.scale).to(bias.dtype)
+        bias = fake_quantize(bias, acc_scales, -(2**31) + 1, 2**31 - 1)
+    return F.linear(x.value, fake_quantize_weight(weight, linear.weight_bits), bias)
+
+
+class QuantLinearAverage(nn.Module):
+    """(first(x) + second(y)) / 2 of two linear layers, both onto one grid with one rounding.
+
+    Integer mode: out_c = round((acc1_c * m1_c + acc2_c * m2_c) / 2^s_c), one shift per
+    output channel, with m1_c / 2^s_c ~ S_x * w1_c / (2 S_out) and likewise for m2_c. This is
+    the per-channel form of QuantAdd; the two layers' own output quantizers are not used.
+    """
+
+    def __init__(self, out_bits: int):
+        super().__init__()
+        self.out_quant = ActQuantizer(out_bits)
+
+    def integer_params(self, scales_1: np.ndarray, scales_2: np.ndarray,
+                       bound_1: int, bound_2: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        out_scale = 2.0 * self.out_quant.scale
+        multipliers_1, multipliers_2, shifts = [], [], []
+        for scale_1, scale_2 in zip(np.atleast_1d(scales_1), np.atleast_1d(scales_2)):
+            ratio_1, ratio_2 = float(scale_1) / out_scale, float(scale_2) / out_scale
+            # One more unit of headroom: the rounded multipliers below can exceed the reference by 1.
+            reference = safe_dyadic(max(ratio_1, ratio_2), bound_1 + bound_2 + 1)
+            m_1 = round(ratio_1 * 2**reference.shift)
+            m_2 = round(ratio_2 * 2**reference.shift)
+            if bound_1 * m_1 + bound_2 * m_2 >= 2**62:
+                raise OverflowError(f"averaging two heads with multipliers {m_1}, {m_2} overflows int64")
+            multipliers_1.append(m_1)
+            multipliers_2.append(m_2)
+            shifts.append(reference.shift)
+        return (np.array(multipliers_1, dtype=np.int64), np.array(multipliers_2, dtype=np.int64),
+                np.array(shifts, dtype=np.int64))
+
+    def forward(self, first: QuantLinear, second: QuantLinear, x: QTensor, y: QTensor) -> QTensor:
+        if self.training:
+            return self.out_quant((linear_preactivation(first, x) + linear_preactivation(second, y)) / 2)
+        acc_1, scales_1, bound_1 = first.accumulate(x)
+        acc_2, scales_2, bound_2 = second.accumulate(y)
+        m_1, m_2, s = (torch.from_numpy(a) for a in self.integer_params(scales_1, scales_2, bound_1, bound_2))
+        q = self.out_quant
+        codes = round_shift(acc_1 * m_1 + acc_2 * m_2, s).clamp(q.code_min, q.code_max)
+        return QTensor(codes, q.scale, q.bits, q.signed)
+
+    def to_onnx(self, b: GraphBuilder, first: QuantLinear, second: QuantLinear, x: QTensor, y: QTensor) -> QTensor:
+        with b.scope("head"):
+            acc_1, scales_1, bound_1 = first.accumulate_onnx(b, x)
+        with b.scope("head_dist"):
+            acc_2, scales_2, bound_2 = second.accumulate_onnx(b, y)
+        m_1, m_2, s = self.integer_params(scales_1, scales_2, bound_1, bound_2)
+        q = self.out_quant
+        summed = b.node("Add", [b.node("Mul", [acc_1, b.const(m_1)]), b.node("Mul", [acc_2, b.const(m_2)])])
+        out = b.requantize(summed, 1, s, q.code_min, q.code_max)
+        return QTensor(out, q.scale, q.bits, q.signed)
 
 
 class QuantAttention(nn.Module):
@@ -276,22 +360,32 @@ class QuantBlock(nn.Module):
 
 
 class QuantViT(nn.Module):
-    """Integer-only VisionTransformer: QAT in training mode, the integer reference in eval mode."""
+    """Integer-only VisionTransformer: QAT in training mode, the integer reference in eval mode.
+
+    A VisionTransformerDistilled gets a second prefix token and a second head (`head_dist`).
+    Its logits are the integer average of both heads, which is what timm returns in eval mode.
+    """
 
     def __init__(self, vit: VisionTransformer, mean, std, cfg: QuantConfig):
         super().__init__()
         check_supported(vit)
         disable_fused_attention(vit)
         self.cfg = cfg
+        self.distilled = isinstance(vit, VisionTransformerDistilled)
         self.image_shape = (vit.patch_embed.proj.in_channels, *vit.patch_embed.img_size)
-        tokens = vit.patch_embed.num_patches + 1
+        self.n_prefix = 2 if self.distilled else 1
+        tokens = vit.patch_embed.num_patches + self.n_prefix
         self.n_tokens = tokens
         self.num_classes = vit.num_classes
         self.patch_embed = QuantPatchEmbed(vit.patch_embed.proj, mean, std, cfg.weight_bits, cfg.residual_bits)
-        self.embed = QuantEmbed(vit.cls_token, vit.pos_embed, cfg.residual_bits)
+        self.embed = QuantEmbed(vit.cls_token, vit.pos_embed, cfg.residual_bits,
+                                dist_token=vit.dist_token if self.distilled else None)
         self.blocks = nn.ModuleList(QuantBlock(block, tokens, cfg) for block in vit.blocks)
         self.norm = LayerNormSite(vit.norm, cfg.act_bits)
         self.head = QuantLinear(vit.head, cfg.weight_bits, cfg.logits_bits)
+        if self.distilled:
+            self.head_dist = QuantLinear(vit.head_dist, cfg.weight_bits, cfg.logits_bits)
+            self.head_average = QuantLinearAverage(cfg.logits_bits)
         for name, site in self.sites().items():
             site.site_name = name
 
@@ -320,7 +414,10 @@ class QuantViT(nn.Module):
             x = block(x)
         x = self.norm(x)
         cls = QTensor(x.value[:, 0], x.scale, x.bits, x.signed)
-        return self.head(cls)
+        if not self.distilled:
+            return self.head(cls)
+        dist = QTensor(x.value[:, 1], x.scale, x.bits, x.signed)
+        return self.head_average(self.head, self.head_dist, cls, dist)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits as floats: QAT values in training mode, dequantized integer codes in eval mode."""
@@ -350,9 +447,15 @@ class QuantViT(nn.Module):
                 x = block.to_onnx(b, x, self.n_tokens)
         with b.scope("norm"):
             x = self.norm.to_onnx(b, x)
-        with b.scope("head"):
+        if self.distilled:
             cls = b.node("Gather", [x.value, b.const(0)], axis=1, name="cls")
-            logits = self.head.to_onnx(b, QTensor(cls, x.scale, x.bits, x.signed))
+            dist = b.node("Gather", [x.value, b.const(1)], axis=1, name="dist")
+            logits = self.head_average.to_onnx(b, self.head, self.head_dist, QTensor(cls, x.scale, x.bits, x.signed),
+                                               QTensor(dist, x.scale, x.bits, x.signed))
+        else:
+            with b.scope("head"):
+                cls = b.node("Gather", [x.value, b.const(0)], axis=1, name="cls")
+                logits = self.head.to_onnx(b, QTensor(cls, x.scale, x.bits, x.signed))
         out = b.node("Cast", [logits.value], to=TensorProto.INT32, name="logits_codes")
         b.add_output(out, TensorProto.INT32, ["N", self.num_classes])
         return out, logits.scale
