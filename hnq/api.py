@@ -171,7 +171,7 @@ def default_plan(float_model: PixelClassifier, act_bits: int = 8, family: str | 
 
     bits = bits_from_quant_config(QuantConfig(act_bits=act_bits))
     sites = quantize_model(copy.deepcopy(float_model), quant_config_from_bits(bits)).sites()
-    name = getattr(float_model.model, "default_cfg", {}).get("architecture", type(float_model.model).__name__)
+    name = (getattr(float_model.model, "pretrained_cfg", None) or {}).get("architecture", type(float_model.model).__name__)
     if family is None:
         return alternate_plan(name, sites, bits)
     entries = {site_name: {"op": site.op, "scheme": "ibert" if (site.op, family) in UNSUPPORTED else family}

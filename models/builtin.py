@@ -41,7 +41,20 @@ def hnq_vit_fmnist(pretrained: bool = False, **kwargs: Any) -> VisionTransformer
         raise ValueError("hnq_vit_fmnist has no pretrained weights: train it with `hnq demo` or `hnq train`")
     for key in _TIMM_FACTORY_KEYS:  # create_model passes these to every entry point
         kwargs.pop(key, None)
-    return VisionTransformer(**{**BUILTIN_VIT_KWARGS, **kwargs})
+    model = VisionTransformer(**{**BUILTIN_VIT_KWARGS, **kwargs})
+    # What timm's builder would attach; create_float_model reads mean, std and the head name.
+    model.pretrained_cfg = {
+        "architecture": "hnq_vit_fmnist",
+        "input_size": (model.patch_embed.proj.in_channels, *model.patch_embed.img_size),
+        "mean": FASHION_MNIST_MEAN,
+        "std": FASHION_MNIST_STD,
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "num_classes": model.num_classes,
+        "classifier": "head",
+        "first_conv": "patch_embed.proj",
+    }
+    return model
 
 
 class PixelClassifier(nn.Module):
