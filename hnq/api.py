@@ -100,11 +100,19 @@ def plan_differences(trained: Plan, given: Plan) -> list[str]:
 
 
 def load_calibration_images(image_dir: str | Path, image_shape: tuple[int, int, int], batches: int,
-                            batch_size: int, progress: bool = True):
-    """The first batches * batch_size images of an image folder, as uint8 tensors per batch."""
+                            batch_size: int, progress: bool = True, arch: dict[str, Any] | None = None):
+    """batches * batch_size images of an image folder, spread over its classes, as uint8 tensors.
+
+    With `arch`, images are resized and cropped as the model's timm config says (as hnq-eval
+    does); without it they must already have the model's size.
+    """
     import torch
 
     from .data import DataError, iter_image_batches, scan_image_folder
+    from .imagenet import preprocessing_from_arch
+
+    resizing = preprocessing_from_arch(arch, image_shape) if arch is not None else {"resize": None,
+                                                                                    "interpolation": "bilinear"}
 
     samples = scan_image_folder(image_dir)
     needed = batches * batch_size
@@ -117,7 +125,8 @@ def load_calibration_images(image_dir: str | Path, image_shape: tuple[int, int, 
     chosen = samples[::stride][:needed]
     return [torch.from_numpy(images) for images, _, _ in
             iter_image_batches(chosen, (height, width), channels, batch_size, progress=progress,
-                               desc="calibration images")]
+                               desc="calibration images", resize=resizing["resize"],
+                               interpolation=resizing["interpolation"])]
 
 
 def search_plan(checkpoint: str | Path, calib_dir: str | Path, act_bits: int | None = None, batches: int = 16,
@@ -145,7 +154,8 @@ def search_plan(checkpoint: str | Path, calib_dir: str | Path, act_bits: int | N
         load_state_strict(float_model, payload["state_dict"], str(checkpoint))
         qmodel = quantize_model(float_model, QuantConfig(act_bits=act_bits or 8))
         bits = bits_from_quant_config(qmodel.cfg)
-    image_batches = load_calibration_images(calib_dir, qmodel.image_shape, batches, batch_size, progress)
+    image_batches = load_calibration_images(calib_dir, qmodel.image_shape, batches, batch_size, progress,
+                                            arch=payload["arch"])
     if payload["kind"] == "float":
         calibrate_float(qmodel, image_batches, len(image_batches), progress=progress)
     result = measure_sensitivity(qmodel, image_batches, len(image_batches), progress=progress)

@@ -25,10 +25,14 @@ _USER_ERRORS = (PlanError, CheckpointError, OutputPathError, SchemeError, DataEr
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from models.pretrained import PretrainedWeightsError, UnknownModelError
+    from models.swin import WindowSizeError
+
     from .evaluate import ModelFileError
     from .nn import UnsafeSiteError
 
-    return (*_USER_ERRORS, ModelFileError, UnsafeSiteError)
+    return (*_USER_ERRORS, ModelFileError, UnsafeSiteError, PretrainedWeightsError, UnknownModelError,
+            WindowSizeError)
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
@@ -80,9 +84,11 @@ def main() -> None:
 def demo_command(output, data_dir, epochs, qat_epochs, bits, calib_batches, batch_size, seed, max_minutes,
                  no_progress, verbose, quiet) -> None:
     """Run the main job on the built-in default (Fashion-MNIST, small ViT), end to end."""
+    from .io import check_output_folder
     from .pipeline import DemoConfig, run_demo
 
     _configure_logging(verbose, quiet)
+    check_output_folder(output)
     report = run_demo(DemoConfig(output=output, data_dir=data_dir, epochs=epochs, qat_epochs=qat_epochs,
                                  act_bits=bits, calib_batches=calib_batches, batch_size=batch_size, seed=seed,
                                  max_minutes=max_minutes, progress=not no_progress))
@@ -172,9 +178,11 @@ def train_command(checkpoint, plan_path, output, float_training, model_name, dat
 
     Runs under torchrun for several processes (gloo on CPU, NCCL on GPU).
     """
+    from .io import check_output_folder
     from .qat import TrainJob, init_distributed, run_training
 
     _configure_logging(verbose, quiet)
+    check_output_folder(output)
     if float_training and checkpoint is not None:
         raise click.UsageError("--float trains from scratch: drop CHECKPOINT, or drop --float for QAT")
     if not float_training and checkpoint is None:
@@ -189,6 +197,97 @@ def train_command(checkpoint, plan_path, output, float_training, model_name, dat
     if "test_top1" in log:
         click.echo(f"test top-1 {100 * log['test_top1']:.2f} % after {log['steps']} of {log['total_steps']} steps"
                    f"{' (time budget reached)' if log['stopped_by_time_budget'] else ''}; wrote {output}/model.pt")
+
+
+@main.command("import")
+@click.argument("model_name")
+@click.option("--pretrained", type=click.Path(path_type=Path), default=None,
+              help="Local timm checkpoint (.pth, .pt, .bin or .safetensors); no download ever happens.")
+@click.option("--num-classes", type=click.IntRange(1), default=None, help="Classes of the head (default: timm's).")
+@click.option("--reset-head", is_flag=True, help="Drop the checkpoint's head when --num-classes differs from it.")
+@click.option("--img-size", type=click.IntRange(1), default=None, help="Input size in pixels (default: timm's).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Float checkpoint to write.")
+@_logging_options
+@_report_user_errors
+def import_command(model_name, pretrained, num_classes, reset_head, img_size, output, verbose, quiet) -> None:
+    """Build timm model MODEL_NAME with local weights and save it as an HNQ float checkpoint."""
+    from models.pretrained import create_float_model
+
+    from .api import save_float_model
+    from .io import check_output_path
+
+    _configure_logging(verbose, quiet)
+    check_output_path(output)
+    model, arch = create_float_model(model_name, pretrained=pretrained, num_classes=num_classes,
+                                     reset_head=reset_head, img_size=img_size)
+    save_float_model(output, model, arch)
+    click.echo(f"wrote {output} ({model_name}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
+
+
+@main.command("calibrate")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
+              help="plan.json (default: the alternate plan at --bits).")
+@click.option("--calib", "calib_dir", type=click.Path(path_type=Path), required=True,
+              help="Image folder with the calibration images (resized and cropped as the model expects).")
+@click.option("--bits", type=click.IntRange(4, 8), default=8, show_default=True,
+              help="Activation bits when no plan is given.")
+@click.option("--batches", type=click.IntRange(1), default=8, show_default=True, help="Calibration batches.")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per batch.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
+              help="Quantized checkpoint to write (post-training quantization, no QAT).")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+@_logging_options
+@_report_user_errors
+def calibrate_command(checkpoint, plan_path, calib_dir, bits, batches, batch_size, output, no_progress, verbose,
+                      quiet) -> None:
+    """Quantize a float checkpoint under a plan and calibrate it on images (post-training quantization).
+
+    The result exports like a QAT model; `hnq train` can fine-tune it further.
+    """
+    import copy
+
+    from .api import default_plan, load_calibration_images, load_float_model, quantize, save_quantized_model
+    from .io import check_output_path
+    from .plan import Plan
+    from .train import calibrate_float
+
+    _configure_logging(verbose, quiet)
+    check_output_path(output)
+    float_model, payload = load_float_model(checkpoint)
+    plan = Plan.load(plan_path) if plan_path is not None else default_plan(float_model, act_bits=bits)
+    parent = copy.deepcopy(float_model)
+    qmodel = quantize(float_model, plan)
+    image_batches = load_calibration_images(calib_dir, qmodel.image_shape, batches, batch_size,
+                                            progress=not no_progress, arch=payload["arch"])
+    calibrate_float(qmodel, image_batches, len(image_batches), progress=not no_progress)
+    extra = {k: payload[k] for k in ("class_names",) if k in payload}
+    save_quantized_model(output, qmodel, plan, payload["arch"], float_model=parent, **extra)
+    click.echo(f"wrote {output} (calibrated on {batches * batch_size} images, plan rule {plan.rule})")
+
+
+@main.command("write-images")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+              help="Fashion-MNIST split to write.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Write only the first N images.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder with the four Fashion-MNIST idx files (default: /usr/share/datasets/fashion-mnist).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Image folder to write.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@_logging_options
+@_report_user_errors
+def write_images_command(split, limit, data_dir, output, no_progress, verbose, quiet) -> None:
+    """Write a Fashion-MNIST split as an image folder (one sub-folder per class, PNG files)."""
+    from .data import FASHION_MNIST_CLASSES, load_fashion_mnist, write_image_folder
+
+    _configure_logging(verbose, quiet)
+    data = load_fashion_mnist(data_dir)
+    images, labels = (data.train_images, data.train_labels) if split == "train" else \
+        (data.test_images, data.test_labels)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    write_image_folder(images, labels, FASHION_MNIST_CLASSES, output, progress=not no_progress)
+    click.echo(f"wrote {len(labels)} images to {output}")
 
 
 @click.command("hnq-export")

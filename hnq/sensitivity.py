@@ -137,11 +137,11 @@ class SensitivityResult:
             "sites": {
                 site: {
                     "op": self.ops[site],
-                    "sqnr_in_db": self.sqnr_in[site],
-                    "sqnr_out_db": self.sqnr_out[site],
-                    "delta_sqnr_db": self.delta(site, "delta-sqnr"),
-                    "float_input_sqnr_in_db": self.float_input_sqnr_in[site],
-                    "float_input_sqnr_out_db": self.float_input_sqnr_out[site],
+                    "sqnr_in_db": _rounded(self.sqnr_in[site]),
+                    "sqnr_out_db": _rounded(self.sqnr_out[site]),
+                    "delta_sqnr_db": _rounded(self.delta(site, "delta-sqnr")),
+                    "float_input_sqnr_in_db": _rounded(self.float_input_sqnr_in[site]),
+                    "float_input_sqnr_out_db": _rounded(self.float_input_sqnr_out[site]),
                 }
                 for site in self.sites
             },
@@ -168,6 +168,7 @@ class SensitivityResult:
 
 
 def _rounded(values: dict[str, float]) -> dict[str, float | None]:
+    """Values rounded to 0.001 dB; NaN (a candidate that could not run) becomes None for JSON."""
     return {k: (None if math.isnan(v) else round(v, 3)) for k, v in values.items()}
 
 

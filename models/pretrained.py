@@ -27,6 +27,10 @@ WRAPPER_KEYS = ("state_dict", "model", "model_ema")
 SHOWN_KEYS = 5
 
 
+class UnknownModelError(ValueError):
+    """A model name that timm does not know."""
+
+
 class PretrainedWeightsError(ValueError):
     """A weights file that cannot be read or does not fit the model built for it."""
 
@@ -35,7 +39,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read the tensors of a local checkpoint file, unwrapping the common wrapper keys."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+        raise PretrainedWeightsError(f"pretrained weights file not found: {path}; pass the path of a local timm "
+                                     "checkpoint (.pth, .pt, .bin or .safetensors)")
     suffix = path.suffix.lower()
     if suffix in TORCH_SUFFIXES:
         # torch.load fails on a file that is not a checkpoint with many exception types
@@ -143,7 +148,8 @@ def create_float_model(name: str, pretrained: str | Path | None = None, num_clas
     eval mode and the `arch` dict that `build_float_model` rebuilds it from.
     """
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r}; list the names with timm.list_models()")
+        raise UnknownModelError(f"unknown timm model {name!r}; list the names with "
+                                "python -c 'import timm; print(timm.list_models())'")
     if reset_head and pretrained is None:
         raise ValueError("reset_head=True drops the head of a pretrained checkpoint; give pretrained=PATH too")
     kwargs: dict[str, Any] = {}

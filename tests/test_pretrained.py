@@ -129,7 +129,7 @@ def test_checkpoint_without_tensors_rejected(tmp_path):
 
 
 def test_missing_file_and_unknown_suffix_rejected(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(PretrainedWeightsError, match="not found"):
         read_state_dict(tmp_path / "absent.pth")
     odd = tmp_path / "weights.npz"
     odd.write_bytes(b"\0")
