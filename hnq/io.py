@@ -37,6 +37,7 @@ def check_output_path(path: str | Path) -> Path:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
+        _raise_if_blocked_by_file(folder)
         raise OutputPathError(f"output folder {folder} does not exist; create it first (mkdir -p {folder})")
     if not os.access(folder, os.W_OK):
         raise OutputPathError(f"output folder {folder} is not writable; choose another -o path")
@@ -45,14 +46,38 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
+def check_output_folder(folder: str | Path) -> Path:
+    """Fail early, before long work, if the run folder `folder` cannot be created or written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError(f"output folder {folder} is a file, not a folder; choose another --output")
+    _raise_if_blocked_by_file(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"output folder {existing} is not writable; choose another --output")
+    return folder
+
+
+def _raise_if_blocked_by_file(folder: Path) -> None:
+    """Raise OutputPathError if `folder` or one of its ancestors is an existing file."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists() and not candidate.is_dir():
+            raise OutputPathError(f"output folder {folder} cannot be created: {candidate} is a file, not a "
+                                  "folder; choose another output path")
+
+
 @contextmanager
 def atomic_output(path: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it onto `path` only if the block succeeds."""
     path = check_output_path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        # mkstemp sits inside the try, so a KeyboardInterrupt right after it still removes the file.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+        tmp = Path(tmp_name)
+        os.close(fd)
         yield tmp
         # mkstemp creates the file as 0600; give it the permissions a plain open() would.
         umask = os.umask(0)
@@ -60,7 +85,8 @@ def atomic_output(path: str | Path, suffix: str = "") -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
 
 
@@ -100,7 +126,7 @@ def load_checkpoint(path: str | Path, expect_kind: str | None = None) -> dict[st
     """Load and check an HNQ checkpoint without running any code from the file."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; pass the model.pt written by `hnq demo` or `hnq qat`")
+        raise CheckpointError(f"checkpoint {path} not found; pass the model.pt written by `hnq demo` or `hnq train`")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); it was not written completely, so re-create it")
     if not zipfile.is_zipfile(path):
@@ -113,8 +139,8 @@ def load_checkpoint(path: str | Path, expect_kind: str | None = None) -> dict[st
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"checkpoint {path} was rejected: it holds objects other than tensors and plain data, "
-            f"and loading it could run code ({str(error).splitlines()[0]}). Only load files you trust, "
-            "and re-save HNQ checkpoints with `hnq` itself"
+            "and loading it could run code. Only load files you trust, and re-save HNQ checkpoints "
+            "with `hnq` itself"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise CheckpointError(
@@ -153,3 +179,17 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tenso
             parts.append(f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(own[key].shape)}")
         raise CheckpointError(f"checkpoint {source} does not match the model it describes: " + "; ".join(parts))
     module.load_state_dict(state_dict)
+
+
+def load_resume_state(path: str | Path) -> dict[str, Any]:
+    """Load a training run's last.pt (tensors and plain data only), with a clear error if it is damaged."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise CheckpointError(f"cannot resume from {path}: the file is damaged or not a training state "
+                              f"({str(error).splitlines()[0][:120]}); delete it and start the run again") from None
+    if not isinstance(state, dict) or not {"trainer", "model"} <= set(state):
+        raise CheckpointError(f"cannot resume from {path}: it is not a training state written by `hnq train`; "
+                              "delete it and start the run again")
+    return state

@@ -54,6 +54,8 @@ class Plan:
     sites: dict[str, dict[str, Any]]
     rule: str = "manual"
     notes: dict[str, Any] = field(default_factory=dict)
+    # Where the plan came from (a file path), for error messages.
+    source: str = field(default="plan", compare=False)
 
     def scheme_for(self, site: str) -> str:
         return self.sites[site]["scheme"]
@@ -80,7 +82,7 @@ class Plan:
         if problems:
             raise PlanError(source, problems)
         return cls(model=data["model"], bits=dict(data["bits"]), sites={k: dict(v) for k, v in data["sites"].items()},
-                   rule=data.get("rule", "manual"), notes=dict(data.get("notes", {})))
+                   rule=data.get("rule", "manual"), notes=dict(data.get("notes", {})), source=source)
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
@@ -99,8 +101,9 @@ class Plan:
             raise PlanError(str(path), [f"$: duplicate key {error.args[0]!r}: each site may appear once"]) from None
         return cls.from_dict(data, str(path))
 
-    def validate(self, sites: dict[str, Any], source: str = "plan") -> None:
+    def validate(self, sites: dict[str, Any], source: str | None = None) -> None:
         """Check the plan against a model's sites ({name: site module with `.op`}); raise PlanError."""
+        source = source or self.source
         problems = []
         for name, site in sites.items():
             if name not in self.sites:

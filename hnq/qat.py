@@ -33,7 +33,14 @@ from .api import (
     save_quantized_model,
 )
 from .data import FASHION_MNIST_CLASSES, load_fashion_mnist
-from .io import CheckpointError, atomic_output, atomic_write_text, load_checkpoint, load_state_strict
+from .io import (
+    CheckpointError,
+    atomic_output,
+    atomic_write_text,
+    load_checkpoint,
+    load_resume_state,
+    load_state_strict,
+)
 from .plan import Plan, alternate_plan
 from .train import Trainer, TrainConfig, calibrate, freeze_observers, predict, qat_trainer, top1
 
@@ -130,7 +137,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         trainer = qat_trainer(trainer_model, train_x, train_y, cfg, save=save_last,
                               checkpoint_every=job.checkpoint_every)
     if job.resume:
-        state = torch.load(last, map_location="cpu", weights_only=True)
+        state = load_resume_state(last)
         load_state_strict(trainer_model, state["model"], str(last))
         trainer.load_state_dict(state["trainer"])
         _logger.info("resumed from %s at step %d of %d", last, trainer.step, trainer.total_steps)

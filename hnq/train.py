@@ -18,6 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .data import DataError
+from .io import CheckpointError
+
 _logger = logging.getLogger(__name__)
 
 
@@ -72,7 +75,7 @@ class Trainer:
         self.global_batch = cfg.batch_size * self.world
         n = self.images.shape[0]
         if n < self.global_batch:
-            raise ValueError(f"{n} training images are fewer than one batch of {self.global_batch}; "
+            raise DataError(f"{n} training images are fewer than one batch of {self.global_batch}; "
                              "lower --batch-size or add images")
         self.steps_per_epoch = n // self.global_batch
         self.total_steps = max(1, int(round(cfg.epochs * self.steps_per_epoch)))
@@ -88,7 +91,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         if state["total_steps"] != self.total_steps:
-            raise ValueError(f"the checkpoint was written by a run of {state['total_steps']} steps, this run has "
+            raise CheckpointError(f"the checkpoint was written by a run of {state['total_steps']} steps, this run has "
                              f"{self.total_steps}: resume with the same --epochs, --batch-size and data")
         self.step = int(state["step"])
         self.history = list(state["history"])
@@ -202,9 +205,9 @@ def calibrate(qmodel: nn.Module, images: torch.Tensor, batches: int, batch_size:
     images = _as_nchw(images)
     needed = batches * batch_size
     if images.shape[0] == 0:
-        raise ValueError("calibration set is empty; give at least one batch of images")
+        raise DataError("calibration set is empty; give at least one batch of images")
     if images.shape[0] < needed:
-        raise ValueError(f"calibration needs {batches} batches of {batch_size} = {needed} images, "
+        raise DataError(f"calibration needs {batches} batches of {batch_size} = {needed} images, "
                          f"but only {images.shape[0]} were given; lower --calib-batches or add images")
     qmodel.train()
     for module in qmodel.modules():
@@ -277,5 +280,5 @@ def calibrate_float(qmodel: nn.Module, batches, n_batches: int, progress: bool =
             qmodel(batch)
             seen += batch.shape[0]
     if seen == 0:
-        raise ValueError("calibration set is empty; give at least one batch of images")
+        raise DataError("calibration set is empty; give at least one batch of images")
     return seen
