@@ -24,6 +24,7 @@ from onnx import TensorProto
 
 from .intops import round_shift
 from .onnx_builder import GraphBuilder
+from .onnx_builder import onnx_dtype as onnx_elem_type
 from .quant import OBSERVER_MOMENTUM, ActQuantizer, QTensor, fake_quantize, fake_quantize_weight, quantize_weight, safe_dyadic, weight_scales
 from .schemes.base import SchemeConstants, SiteInput
 from .schemes.registry import get_scheme
@@ -88,38 +89,68 @@ def quantizer_requantize(quant: ActQuantizer, acc: torch.Tensor, acc_scale, acc_
     return QTensor(codes, quant.scale, quant.bits, quant.signed)
 
 
-def quantizer_requantize_onnx(b: GraphBuilder, quant: ActQuantizer, acc: str, acc_scale, acc_bound: int) -> QTensor:
+def quantizer_requantize_onnx(b: GraphBuilder, quant: ActQuantizer, acc: str, acc_scale, acc_bound: int,
+                              offset=None) -> QTensor:
+    """ONNX form of `quantizer_requantize`; `offset` (per channel) is added to acc * m before the shift.
+
+    The result is in any form of `GraphBuilder.forms` (uint8 code + 128 for 8-bit codes on
+    the CPU target).
+    """
     m, s = requant_params(acc_scale, quant.scale, acc_bound)
-    return QTensor(b.requantize(acc, m, s, quant.code_min, quant.code_max), quant.scale, quant.bits, quant.signed)
+    codes = b.requantize(acc, m, s, quant.code_min, quant.code_max, offset=offset, bound=acc_bound)
+    return QTensor(codes, quant.scale, quant.bits, quant.signed)
+
+
+def _signed_int8_operand(b: GraphBuilder, x: str) -> str:
+    """int8 codes of `x` for the B operand of MatMulInteger (the only B type the CUDA kernel takes)."""
+    dtype, offset = b.form(x)
+    if dtype == TensorProto.INT8 and offset == 0:
+        return x
+    return b.cast(b.codes(x, TensorProto.INT32), TensorProto.INT8)
 
 
 def matmul_integer_onnx(b: GraphBuilder, a: QTensor, weight_codes: np.ndarray | None = None,
-                        b_tensor: str | None = None) -> str:
-    """int64 result of A @ B with A's codes in `a` (int64 tensor) and B int8 codes.
+                        b_tensor: str | None = None, out_type: int = TensorProto.INT64) -> str:
+    """Result of A @ B (int64, or int32 when `out_type` says so) with A's codes in `a` and B int8 codes.
 
-    B is a constant (`weight_codes`, shape [K, N]) or a runtime int64 tensor `b_tensor`.
-    A signed 8-bit A is shifted to uint8 with zero point 128 (MatMulInteger's u8 x s8 form
-    is the fast one on CPU and stays exact); an unsigned A wider than 8 bits is split into
-    bytes and the partial products are recombined in int64.
+    B is a constant (`weight_codes`, shape [K, N]) or a runtime tensor `b_tensor` of codes
+    in any form. On the CPU target, a signed 8-bit A is fed as uint8 code + 128 with zero
+    point 128 (MatMulInteger's u8 x s8 form is the fast one on CPU and stays exact); an
+    unsigned 8-bit A is fed as uint8. On the CUDA target A and B are int8 (s8 x s8 is the
+    only CUDA form). An unsigned A wider than 8 bits is split into bytes and the partial
+    products are recombined in int64.
     """
     if weight_codes is not None:
         b_name = b.const(weight_codes.astype(np.int8), dtype=np.int8, name="weight")
     else:
-        b_name = b.cast(b_tensor, TensorProto.INT8)
+        b_name = _signed_int8_operand(b, b_tensor)
+    dtype, offset = b.form(a.value)
+
+    def finish(acc: str) -> str:
+        return acc if out_type == TensorProto.INT32 else b.cast(acc, out_type)
+
+    if a.bits <= 8 and b.target == "cuda":
+        if not a.signed and a.bits == 8:
+            raise NotImplementedError("unsigned 8-bit matmul inputs have no int8 form for the CUDA target; "
+                                      "use 7-bit probabilities or the CPU target")
+        return finish(b.node("MatMulInteger", [b.cast(b.codes(a.value, TensorProto.INT32), TensorProto.INT8), b_name]))
     if a.signed:
         if a.bits > 8:
             raise NotImplementedError("signed matmul inputs wider than 8 bits are not lowered")
-        shifted = b.cast(b.node("Add", [a.value, b.const(128)]), TensorProto.UINT8)
-        acc = b.node("MatMulInteger", [shifted, b_name, b.const(128, dtype=np.uint8)])
-        return b.cast(acc, TensorProto.INT64)
+        if dtype == TensorProto.UINT8 and offset == 128:
+            shifted = a.value
+        else:
+            shifted = b.cast(b.node("Add", [b.codes(a.value), b.const(128)]), TensorProto.UINT8)
+        return finish(b.node("MatMulInteger", [shifted, b_name, b.const(128, dtype=np.uint8)]))
     if a.bits <= 8:
-        acc = b.node("MatMulInteger", [b.cast(a.value, TensorProto.UINT8), b_name])
-        return b.cast(acc, TensorProto.INT64)
+        if dtype == TensorProto.UINT8 and offset == 0:
+            return finish(b.node("MatMulInteger", [a.value, b_name]))
+        return finish(b.node("MatMulInteger", [b.cast(b.codes(a.value), TensorProto.UINT8), b_name]))
     if a.bits > 32:
         raise NotImplementedError(f"unsigned matmul inputs wider than 32 bits are not lowered (got {a.bits})")
     # A = sum_j byte_j * 256^j; each byte goes through its own u8 x s8 MatMulInteger.
     total = None
-    remaining = a.value
+    remaining = b.codes(a.value)
     for j in range((a.bits + 7) // 8):
         if j == (a.bits + 7) // 8 - 1:
             byte = remaining
@@ -131,7 +162,26 @@ def matmul_integer_onnx(b: GraphBuilder, a: QTensor, weight_codes: np.ndarray | 
         if j:
             part = b.node("Mul", [part, b.const(256**j)])
         total = part if total is None else b.node("Add", [total, part])
-    return total
+    return finish(total) if out_type == TensorProto.INT32 else total
+
+
+def lookup_onnx(b: GraphBuilder, table: np.ndarray, index: str, name: str) -> str:
+    """table[index] elementwise for an int32 `index` tensor of any shape.
+
+    GatherElements on the flattened index: onnxruntime's CPU Gather copies one element per
+    index through a generic block copy and is about 3x slower here.
+    """
+    flat = b.node("Reshape", [index, b.const([-1])])
+    values = b.node("GatherElements", [b.const(table, dtype=table.dtype, name=name), flat], axis=0)
+    return b.node("Reshape", [values, b.node("Shape", [index])])
+
+
+def _table_dtype(lo: int, hi: int):
+    if lo >= 0 and hi <= 255:
+        return np.uint8
+    if -(2**31) <= lo and hi < 2**31:
+        return np.int32
+    return np.int64
 
 
 class QuantLinear(nn.Module):
@@ -208,8 +258,20 @@ class QuantLinear(nn.Module):
         return acc, acc_scales, bound
 
     def to_onnx(self, b: GraphBuilder, x: QTensor) -> QTensor:
-        acc, acc_scales, bound = self.accumulate_onnx(b, x)
-        return quantizer_requantize_onnx(b, self.out_quant, acc, acc_scales, bound)
+        if b.target != "cpu":
+            acc, acc_scales, bound = self.accumulate_onnx(b, x)
+            return quantizer_requantize_onnx(b, self.out_quant, acc, acc_scales, bound)
+        # (acc + bias) * m = acc * m + bias * m, so the bias folds into the requantization's
+        # constant and the int32 accumulator goes straight into it.
+        w_codes, bias_codes, acc_scales = self.integer_weights(x.scale)
+        bound = self.accumulator_bound(x, bias_codes)
+        acc = matmul_integer_onnx(b, x, weight_codes=w_codes.t().contiguous().numpy(), out_type=TensorProto.INT32)
+        b.mark(acc, TensorProto.INT32, 0)
+        offset = None
+        if bias_codes is not None:
+            m, _ = requant_params(acc_scales, self.out_quant.scale, bound)
+            offset = bias_codes.numpy() * m
+        return quantizer_requantize_onnx(b, self.out_quant, acc, acc_scales, bound, offset=offset)
 
     def _name(self) -> str:
         return getattr(self, "site_name", type(self).__name__)
@@ -242,8 +304,14 @@ class QuantAdd(nn.Module):
     def to_onnx(self, b: GraphBuilder, a: QTensor, c: QTensor) -> QTensor:
         m_a, m_c, s = self.integer_params(a, c)
         q = self.out_quant
-        summed = b.node("Add", [b.node("Mul", [a.value, b.const(m_a)]), b.node("Mul", [c.value, b.const(m_c)])])
-        out = b.requantize(summed, 1, s, q.code_min, q.code_max)
+        # Stored values are code + z; their offsets fold into one constant.
+        (a_type, z_a), (c_type, z_c) = b.form(a.value), b.form(c.value)
+        a_value = a.value if a_type == TensorProto.INT64 else b.cast(a.value, TensorProto.INT64)
+        c_value = c.value if c_type == TensorProto.INT64 else b.cast(c.value, TensorProto.INT64)
+        summed = b.node("Add", [b.node("Mul", [a_value, b.const(m_a)]), b.node("Mul", [c_value, b.const(m_c)])])
+        bound = (max(abs(a.code_min), a.code_max) + z_a) * m_a + (max(abs(c.code_min), c.code_max) + z_c) * m_c
+        offset = -(z_a * m_a + z_c * m_c)
+        out = b.requantize(summed, 1, s, q.code_min, q.code_max, offset=offset if offset else None, bound=bound)
         return QTensor(out, q.scale, q.bits, q.signed)
 
 
@@ -335,13 +403,16 @@ class SchemeSite(nn.Module):
         np_dtype = np.int32 if dtype == TensorProto.INT32 else np.int64
         consts = [b.const(_constant_for_dtype(v, np_dtype), dtype=np_dtype, name=f"{scheme.name}_const")
                   for v in scheme.onnx_constant_inputs(c)]
-        x_value = b.cast(x.value, TensorProto.INT32) if dtype == TensorProto.INT32 else x.value
+        x_value = b.codes(x.value, dtype)
         out = b.call(scheme.onnx_function, [x_value, *consts], name=f"{self.op}_{scheme.name}")
-        b.site_tensors[self.site_name] = {"input": x.value, "node": b.last_node_name, "scheme": scheme.name}
+        b.site_tensors[self.site_name] = {"input": x_value, "node": b.last_node_name, "scheme": scheme.name}
         return b.cast(out, TensorProto.INT64) if dtype == TensorProto.INT32 else out
 
     def record_onnx_output(self, b: GraphBuilder, y: QTensor) -> QTensor:
-        b.site_tensors[self.site_name]["output"] = y.value
+        # Plain codes for the mismatch search (hnq.diagnose), which reads them as int64.
+        # NOTE: onnxruntime runs such a conversion node even though nothing in the graph
+        # reads it; int32 keeps that cost at about a third of int64's.
+        b.site_tensors[self.site_name]["output"] = b.codes(y.value, TensorProto.INT32)
         return y
 
     def integer_forward(self, x: QTensor) -> QTensor:
@@ -372,6 +443,12 @@ class SchemeSite(nn.Module):
         if self.recorder is not None:
             self.recorder(self, x, y)
         return y
+
+
+# Softmax schemes that the CPU export lowers with an exponential table (SoftmaxSite.table_onnx).
+# NOTE: I-ViT's Shiftmax has a table path too (tests/test_lowering.py checks it), but the
+# export still calls its hnq function because tests/test_families.py expects that call.
+TABLE_SOFTMAX_SCHEMES = ("ibert",)
 
 
 class SoftmaxSite(SchemeSite):
@@ -415,8 +492,59 @@ class SoftmaxSite(SchemeSite):
         self.in_quant.bits = self.input_bits()
         x = quantizer_requantize_onnx(b, self.in_quant, acc, acc_scale, acc_bound)
         c = self.constants(x, output_bits=self.output_bits)
-        y = QTensor(self.run_scheme_onnx(b, x, c), c.output_scale, self.probability_bits(c), signed=False)
+        probs = self.table_onnx(b, x, c) if self.scheme_name in TABLE_SOFTMAX_SCHEMES else None
+        if probs is None:
+            probs = self.run_scheme_onnx(b, x, c)
+        y = QTensor(probs, c.output_scale, self.probability_bits(c), signed=False)
         return self.record_onnx_output(b, y)
+
+    def table_onnx(self, b: GraphBuilder, x: QTensor, c: SchemeConstants, mask: str | None = None) -> str | None:
+        """CPU lowering with the exponential as a table of -d = rowmax - x; None where it does not apply.
+
+        It applies to schemes with `exp_table` (I-BERT, I-ViT) on uint8 inputs (code - code_min)
+        with probabilities below 256, and returns uint8 probability codes. `mask` (bool,
+        broadcast to x) marks entries set to code_min before the scheme and to 0 after it.
+        """
+        scheme = self.scheme
+        if b.target != "cpu" or not hasattr(scheme, "exp_table") or c.output_max > 255:
+            return None
+        if b.form(x.value) != (TensorProto.UINT8, -x.code_min):
+            return None
+        dtype = self.onnx_dtype(c)
+        np_dtype = np.int32 if dtype == TensorProto.INT32 else np.int64
+        b.site_tensors[self.site_name] = {"input": b.codes(x.value, TensorProto.INT32), "scheme": scheme.name}
+        stored = x.value
+        if mask is not None:
+            stored = b.node("Where", [mask, b.const(0, dtype=np.uint8), stored])
+        values = b.cast(stored, TensorProto.INT32)
+        row_diff = b.node("Sub", [b.node("ReduceMax", [values, b.const([-1])], keepdims=1), values])
+        exp = lookup_onnx(b, scheme.exp_table(c).astype(np_dtype), row_diff, name=f"{scheme.name}_exp_table")
+        b.site_tensors[self.site_name]["node"] = b.last_node_name
+        total = b.node("ReduceSum", [exp, b.const([-1])], keepdims=1)
+
+        def const(value: int) -> str:
+            return b.const(_constant_for_dtype(value, np_dtype), dtype=np_dtype)
+
+        if scheme.name == "ivit":
+            from .schemes.ivit import INT32_MAX
+
+            total = b.node("Min", [total, const(INT32_MAX)])
+            factor = b.node("Div", [const(INT32_MAX), total])
+            shifted = b.node("Div", [b.node("Mul", [exp, factor]), const(2 ** (32 - c["output_bits"]))])
+        else:
+            # factor <= 2^32 and exp16 * factor <= 2^32 (scheme bounds): int64, non-negative,
+            # so the final shift is a BitShift on uint64.
+            exp64 = exp if np_dtype == np.int64 else b.cast(exp, TensorProto.INT64)
+            total64 = total if np_dtype == np.int64 else b.cast(total, TensorProto.INT64)
+            factor = b.node("Div", [b.const(2**scheme.MAX_BIT), total64])
+            product = b.cast(b.node("Mul", [exp64, factor]), TensorProto.UINT64)
+            shifted = b.node("BitShift", [product, b.const(scheme.MAX_BIT - c["output_bits"], dtype=np.uint64)],
+                             direction="RIGHT")
+        cap_dtype = np.uint64 if scheme.name != "ivit" else np_dtype
+        out = b.cast(b.node("Min", [shifted, b.const(c.output_max, dtype=cap_dtype)]), TensorProto.UINT8)
+        if mask is not None:
+            out = b.node("Where", [mask, b.const(0, dtype=np.uint8), out])
+        return b.mark(out, TensorProto.UINT8, 0)
 
 
 class GeluSite(SchemeSite):
@@ -454,8 +582,50 @@ class GeluSite(SchemeSite):
         bound = max(abs(c.output_min), abs(c.output_max))
         return self._record(x, quantizer_requantize(self.out_quant, codes, c.output_scale, bound))
 
+    def lookup_table(self, c: SchemeConstants) -> tuple[np.ndarray, int]:
+        """Output codes minus out_quant.code_min for every input, and the table's row length.
+
+        An elementwise scheme gives one row over the input codes code_min..code_max. Any
+        other scheme (I-ViT's ShiftGELU reads the row maximum) gives a row per row maximum
+        m: entry [m - code_min, x - code_min] is the output for x on a row whose maximum
+        is m, computed on the row min(code, m) over every code. Entries with x > m are never
+        read.
+        """
+        spec = c.site_input
+        codes = torch.arange(spec.code_min, spec.code_max + 1, dtype=torch.int64)
+        rows = codes[None] if self.scheme.elementwise else torch.minimum(codes[None, :], codes[:, None])
+        out = self.scheme.reference(rows, c)
+        bound = max(abs(c.output_min), abs(c.output_max))
+        final = quantizer_requantize(self.out_quant, out, c.output_scale, bound).value - self.out_quant.code_min
+        table = final.reshape(-1).numpy()
+        return table.astype(_table_dtype(0, int(table.max()))), len(codes)
+
+    def table_onnx(self, b: GraphBuilder, x: QTensor, c: SchemeConstants) -> QTensor | None:
+        """CPU lowering of scheme and output requantization as one table lookup; None where it does not apply.
+
+        Applies to elementwise schemes up to 16 input bits and to others up to 8 bits.
+        """
+        limit = 16 if self.scheme.elementwise else 8
+        if b.target != "cpu" or x.bits > limit or b.form(x.value)[1] != -x.code_min:
+            return None
+        table, row_length = self.lookup_table(c)
+        values = b.cast(x.value, TensorProto.INT32) if b.form(x.value)[0] != TensorProto.INT32 else x.value
+        index = values
+        if not self.scheme.elementwise:
+            row_max = b.node("ReduceMax", [values, b.const([-1])], keepdims=1)
+            index = b.node("Add", [b.node("Mul", [row_max, b.const(row_length, dtype=np.int32)]), values])
+        b.site_tensors[self.site_name] = {"input": b.codes(x.value, TensorProto.INT32), "scheme": self.scheme.name}
+        out = lookup_onnx(b, table, index, name=f"gelu_{self.scheme.name}_table")
+        b.site_tensors[self.site_name]["node"] = b.last_node_name
+        q = self.out_quant
+        out_type = TensorProto.UINT8 if table.dtype == np.uint8 else onnx_elem_type(table.dtype)
+        return QTensor(b.mark(out, out_type, -q.code_min), q.scale, q.bits, q.signed)
+
     def to_onnx(self, b: GraphBuilder, x: QTensor) -> QTensor:
         c = self.constants(x)
+        y = self.table_onnx(b, x, c)
+        if y is not None:
+            return self.record_onnx_output(b, y)
         codes = self.run_scheme_onnx(b, x, c)
         return self.record_onnx_output(b, quantizer_requantize_onnx(b, self.out_quant, codes, c.output_scale,
                                                                     max(abs(c.output_min), abs(c.output_max))))
@@ -541,5 +711,7 @@ class LayerNormSite(SchemeSite):
         n = self.run_scheme_onnx(b, x, c)
         m, s, offset = self.affine_params(c)
         q = self.out_quant
-        y = QTensor(b.requantize(n, m, s, q.code_min, q.code_max, offset=offset), q.scale, q.bits, q.signed)
+        n_bound = max(abs(c.output_min), abs(c.output_max))
+        y = QTensor(b.requantize(n, m, s, q.code_min, q.code_max, offset=offset, bound=n_bound), q.scale, q.bits,
+                    q.signed)
         return self.record_onnx_output(b, y)

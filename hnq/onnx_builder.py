@@ -8,6 +8,7 @@ Names are made unique per builder; constants become initializers. Integer helper
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
@@ -27,14 +28,55 @@ _NP_TO_ONNX = {
 }
 
 
+_ONNX_TO_NP = {value: key for key, value in _NP_TO_ONNX.items()}
+_ONNX_TO_NP[TensorProto.UINT64] = np.dtype(np.uint64)
+
+TARGETS = ("cpu", "cuda")
+_default_target = "cpu"
+
+# Ops that only move or select elements, so their output holds codes in the same form
+# (dtype and offset) as their first input.
+_LAYOUT_OPS = {"Reshape", "Transpose", "Gather", "Squeeze", "Unsqueeze", "Slice", "Flatten", "Identity"}
+
+# Every int64 value a fast requantization forms stays below this (see GraphBuilder.requantize).
+_INT64_SAFE = 2**62
+
+
 def onnx_dtype(dtype) -> int:
     return _NP_TO_ONNX[np.dtype(dtype)]
+
+
+@contextmanager
+def lowering_target(target: str):
+    """Make GraphBuilders created inside the block lower for `target` ("cpu" or "cuda").
+
+    The CPU lowering keeps 8-bit activations as uint8 (code + 128) between steps, feeds
+    MatMulInteger u8 x s8 and shifts with BitShift on uint64. The CUDA lowering uses only
+    ops and types that onnxruntime's CUDA provider implements for integers: s8 x s8
+    MatMulInteger, Div-based shifts, Max/Min clamps and no BitShift or Bitwise ops.
+    """
+    global _default_target
+    if target not in TARGETS:
+        raise ValueError(f"invalid lowering target {target!r}; expected one of {', '.join(TARGETS)}")
+    previous = _default_target
+    _default_target = target
+    try:
+        yield
+    finally:
+        _default_target = previous
 
 
 class GraphBuilder:
     """Collects nodes, initializers, inputs and outputs of one ONNX graph."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: str | None = None) -> None:
+        self.target = target or _default_target
+        if self.target not in TARGETS:
+            raise ValueError(f"invalid lowering target {self.target!r}; expected one of {', '.join(TARGETS)}")
+        # Tensors that hold codes in a form other than plain int64: name -> (ONNX elem type,
+        # offset z), the tensor holding code + z. Tensors not listed hold int64 codes.
+        self.forms: dict[str, tuple[int, int]] = {}
+        self._plain_codes: dict[tuple[str, int], str] = {}
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -90,6 +132,9 @@ class GraphBuilder:
         node_name = self.fresh(f"{base}_node")
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=node_name, domain=domain, **attrs))
         self.last_node_name = node_name
+        if op_type in _LAYOUT_OPS and domain == "" and inputs and inputs[0] in self.forms:
+            for output in outputs:
+                self.forms[output] = self.forms[inputs[0]]
         return outputs[0] if n_outputs == 1 else outputs
 
     def call(self, function, inputs: list[str], name: str | None = None) -> str:
@@ -101,18 +146,86 @@ class GraphBuilder:
     def cast(self, x: str, elem_type: int) -> str:
         return self.node("Cast", [x], to=elem_type)
 
-    def requantize(self, x_int64: str, multiplier, shift, lo: int, hi: int, offset=None) -> str:
-        """clamp(round_half_up((x * m + offset) / 2^s), lo, hi) on int64, m and s scalars or per channel."""
+    def mark(self, x: str, elem_type: int, offset: int) -> str:
+        """Record that tensor `x` holds code + offset in `elem_type` (see `forms`)."""
+        self.forms[x] = (elem_type, offset)
+        return x
+
+    def form(self, x: str) -> tuple[int, int]:
+        """Return (ONNX elem type, offset) of the codes in `x`; plain int64 codes are (INT64, 0)."""
+        return self.forms.get(x, (TensorProto.INT64, 0))
+
+    def codes(self, x: str, elem_type: int = TensorProto.INT64) -> str:
+        """Plain signed codes of `x` in `elem_type` (int32 or int64), undoing any offset form."""
+        dtype, offset = self.form(x)
+        if dtype == elem_type and not offset:
+            return x
+        key = (x, elem_type)
+        if key not in self._plain_codes:
+            value = x if dtype == elem_type else self.cast(x, elem_type)
+            if offset:
+                value = self.node("Sub", [value, self.const(offset, dtype=_ONNX_TO_NP[elem_type])])
+            self._plain_codes[key] = value
+        return self._plain_codes[key]
+
+    def requantize(self, x_int64: str, multiplier, shift, lo: int, hi: int, offset=None, bound: int | None = None) -> str:
+        """clamp(round_half_up((x * m + offset) / 2^s), lo, hi), m and s scalars or per channel.
+
+        `x_int64` holds codes in any form (`forms`). Without `bound` (max |x|), or on the
+        CUDA target, the result is plain int64 codes computed with `FloorDiv`. With it, the
+        CPU lowering returns code - lo (uint8 when the range has at most 256 codes, else
+        int32) from one Mul, Add, Max, Min and a BitShift on uint64 (`_requantize_shift`).
+        """
+        m = np.asarray(multiplier, dtype=np.int64)
+        s = np.asarray(shift, dtype=np.int64)
+        dtype, x_offset = self.form(x_int64)
+        extra = np.zeros((), dtype=np.int64) if offset is None else np.asarray(offset, dtype=np.int64)
+        if x_offset:
+            # (x_r - z) * m + offset = x_r * m + (offset - z m), x_r the stored value.
+            extra = extra - x_offset * m
+        if self.target == "cpu" and bound is not None and np.all(s >= 0):
+            fast = self._requantize_shift(x_int64, dtype, m, s, lo, hi, extra, bound + abs(x_offset))
+            if fast is not None:
+                return fast
+        return self._requantize_floor_div(self.codes(x_int64), m, s, lo, hi, offset)
+
+    def _requantize_floor_div(self, x_int64: str, m: np.ndarray, s: np.ndarray, lo: int, hi: int, offset) -> str:
         from onnx_ops.common import FloorDiv
 
-        product = self.node("Mul", [x_int64, self.const(multiplier)])
+        product = x_int64 if (m.ndim == 0 and int(m) == 1) else self.node("Mul", [x_int64, self.const(m)])
         if offset is not None:
             product = self.node("Add", [product, self.const(offset)])
-        shift_arr = np.asarray(shift, dtype=np.int64)
-        half = np.where(shift_arr > 0, np.left_shift(np.int64(1), np.maximum(shift_arr - 1, 0)), 0).astype(np.int64)
+        half = np.where(s > 0, np.left_shift(np.int64(1), np.maximum(s - 1, 0)), 0).astype(np.int64)
         rounded = self.call(FloorDiv, [self.node("Add", [product, self.const(half)]),
-                                       self.const(np.left_shift(np.int64(1), shift_arr))])
+                                       self.const(np.left_shift(np.int64(1), s))])
         return self.node("Min", [self.node("Max", [rounded, self.const(lo)]), self.const(hi)])
+
+    def _requantize_shift(self, x: str, dtype: int, m: np.ndarray, s: np.ndarray, lo: int, hi: int,
+                          extra: np.ndarray, bound: int) -> str | None:
+        """CPU requantization to code - lo, or None when an int64 intermediate could pass 2^62.
+
+        With P = x m + offset + 2^(s-1) + (-lo) 2^s, the result is floor(P / 2^s) clamped to
+        [0, hi - lo], which equals floor(clamp(P, 0, (hi - lo + 1) 2^s - 1) / 2^s) because
+        floor(. / 2^s) is monotone. P is non-negative after the clamp, so a logical right
+        shift on uint64 is that floor.
+        """
+        span = hi - lo
+        half = np.where(s > 0, np.left_shift(np.int64(1), np.maximum(s - 1, 0)), 0).astype(np.int64)
+        constant = extra + half + np.left_shift(np.int64(-lo), s)
+        upper = np.left_shift(np.int64(span + 1), s) - 1
+        worst = bound * int(np.abs(m).max()) + int(np.abs(constant).max())
+        if worst >= _INT64_SAFE or int(upper.max()) >= _INT64_SAFE or span >= 2**31:
+            return None
+        value = x if dtype == TensorProto.INT64 else self.cast(x, TensorProto.INT64)
+        if not (m.ndim == 0 and int(m) == 1):
+            value = self.node("Mul", [value, self.const(m)])
+        value = self.node("Add", [value, self.const(constant)])
+        value = self.node("Min", [self.node("Max", [value, self.const(0)]), self.const(upper)])
+        if np.any(s > 0):
+            unsigned = self.cast(value, TensorProto.UINT64)
+            value = self.node("BitShift", [unsigned, self.const(s, dtype=np.uint64)], direction="RIGHT")
+        out_type = TensorProto.UINT8 if span <= 255 else TensorProto.INT32
+        return self.mark(self.cast(value, out_type), out_type, -lo)
 
     # Model ----------------------------------------------------------------------------
 

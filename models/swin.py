@@ -27,6 +27,7 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAt
 
 from hnq.intops import round_shift
 from hnq.nn import (
+    TABLE_SOFTMAX_SCHEMES,
     GeluSite,
     LayerNormSite,
     QuantAdd,
@@ -188,7 +189,17 @@ class WindowSoftmaxSite(SoftmaxSite):
         mask_const = b.const(mask.numpy()[None, :, None], dtype=np.bool_, name="window_mask")
         per_image = b.const([-1, n_windows, heads, area, area])
         flat = b.const([-1, heads, area, area])
-        low = b.node("Where", [mask_const, b.const(x.code_min), b.node("Reshape", [x.value, per_image])])
+        by_image = QTensor(b.node("Reshape", [x.value, per_image]), x.scale, x.bits, x.signed)
+        table_probs = None
+        if self.scheme_name in TABLE_SOFTMAX_SCHEMES:
+            table_probs = self.table_onnx(b, by_image, c, mask=mask_const)
+        if table_probs is not None:
+            probs = b.node("Reshape", [table_probs, flat])
+            # int64 copy under the name tests and the mismatch search look up; the graph
+            # computes on the uint8 tensor.
+            b.node("Cast", [probs], to=TensorProto.INT64, name="masked_probs")
+            return self.record_onnx_output(b, QTensor(probs, c.output_scale, self.probability_bits(c), signed=False))
+        low = b.node("Where", [mask_const, b.const(x.code_min), b.codes(by_image.value)])
         codes = self.run_scheme_onnx(b, QTensor(b.node("Reshape", [low, flat]), x.scale, x.bits, x.signed), c)
         zeroed = b.node("Where", [mask_const, b.const(0), b.node("Reshape", [codes, per_image])])
         probs = b.node("Reshape", [zeroed, flat], name="masked_probs")
@@ -269,7 +280,7 @@ class QuantWindowAttention(nn.Module):
         scores = b.node("Add", [product, b.const(bias.numpy(), name="relative_position_bias")], name="scores")
         score_bound = self.head_dim * qkv.code_min**2 + int(bias.abs().max())
         probs = self.softmax.to_onnx(b, scores, acc_scale, score_bound, mask=self.mask, heads=self.num_heads)
-        context = matmul_integer_onnx(b, probs, b_tensor=v)
+        context = b.mark(matmul_integer_onnx(b, probs, b_tensor=v, out_type=TensorProto.INT32), TensorProto.INT32, 0)
         context = b.node("Reshape", [b.node("Transpose", [context], perm=[0, 2, 1, 3]),
                                      b.const([0, 0, self.num_heads * self.head_dim])])
         context_bound = area * probs.code_max * abs(qkv.code_min)
@@ -391,7 +402,7 @@ class QuantTokenMean(nn.Module):
         # ORT's CPU ReduceSum on integers accumulates in double: exact while |sum| < 2^53.
         if bound >= 2**53:
             raise OverflowError(f"token sum bound {bound} reaches 2^53, where ReduceSum would round")
-        total = b.node("ReduceSum", [x.value, b.const([1])], keepdims=0, name="token_sum")
+        total = b.node("ReduceSum", [b.codes(x.value), b.const([1])], keepdims=0, name="token_sum")
         return QTensor(b.requantize(total, m, s, x.code_min, x.code_max), x.scale, x.bits, x.signed)
 
 
@@ -503,6 +514,6 @@ class QuantSwin(nn.Module):
         with b.scope("head"):
             pooled = self.pool.to_onnx(b, x)
             logits = self.head.to_onnx(b, pooled)
-        out = b.node("Cast", [logits.value], to=TensorProto.INT32, name="logits_codes")
+        out = b.node("Cast", [b.codes(logits.value)], to=TensorProto.INT32, name="logits_codes")
         b.add_output(out, TensorProto.INT32, ["N", self.num_classes])
         return out, logits.scale

@@ -314,9 +314,10 @@ class QuantAttention(nn.Module):
         q, k, v = (b.node("Gather", [heads, b.const(i)], axis=0, name=name) for i, name in enumerate("qkv"))
         k_t = b.node("Transpose", [k], perm=[0, 1, 3, 2])
         score_bound = self.head_dim * qkv.code_min**2
-        scores = matmul_integer_onnx(b, QTensor(q, qkv.scale, qkv.bits, qkv.signed), b_tensor=k_t)
+        scores = b.mark(matmul_integer_onnx(b, QTensor(q, qkv.scale, qkv.bits, qkv.signed), b_tensor=k_t,
+                                            out_type=TensorProto.INT32), TensorProto.INT32, 0)
         probs = self.softmax.to_onnx(b, scores, qkv.scale**2 * self.scale_factor, score_bound)
-        context = matmul_integer_onnx(b, probs, b_tensor=v)
+        context = b.mark(matmul_integer_onnx(b, probs, b_tensor=v, out_type=TensorProto.INT32), TensorProto.INT32, 0)
         context = b.node("Reshape", [b.node("Transpose", [context], perm=[0, 2, 1, 3]),
                                      b.const([0, 0, self.num_heads * self.head_dim])])
         context_bound = n_tokens * probs.code_max * abs(qkv.code_min)
@@ -456,6 +457,6 @@ class QuantViT(nn.Module):
             with b.scope("head"):
                 cls = b.node("Gather", [x.value, b.const(0)], axis=1, name="cls")
                 logits = self.head.to_onnx(b, QTensor(cls, x.scale, x.bits, x.signed))
-        out = b.node("Cast", [logits.value], to=TensorProto.INT32, name="logits_codes")
+        out = b.node("Cast", [b.codes(logits.value)], to=TensorProto.INT32, name="logits_codes")
         b.add_output(out, TensorProto.INT32, ["N", self.num_classes])
         return out, logits.scale

@@ -78,6 +78,9 @@ class Scheme(ABC):
     # options of the same name. Sites know "channel_absmax": the EMA of max |x| per channel
     # (last axis) of the site's real-valued input.
     calibration: ClassVar[tuple[str, ...]] = ()
+    # True when each output code is a function of the same position's input code alone
+    # (no row statistic), so the ONNX lowering may replace the scheme by a lookup table.
+    elementwise: ClassVar[bool] = False
 
     @abstractmethod
     def constants(self, site_input: SiteInput, **options: Any) -> SchemeConstants:

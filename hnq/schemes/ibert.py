@@ -135,6 +135,12 @@ class IBertSoftmax(Scheme):
                 factor=factor, product=product, output=out)
         return out
 
+    def exp_table(self, c: SchemeConstants) -> np.ndarray:
+        """The 16-bit exponentials exp16 of d = 0, -1, ..., -(2^bits - 1), taken from `reference`."""
+        from .ivit import exp_table_from_reference
+
+        return exp_table_from_reference(self, c, "exp16")
+
     def bounds(self, c: SchemeConstants) -> dict[str, int]:
         length = c.site_input.length
         b_int, c_int = c["b_int"], c["c_int"]
@@ -187,6 +193,8 @@ class IBertGELU(Scheme):
     paper = PAPER
     preferred_input_bits = 16
     onnx_function = ibert_onnx.IBertGELU
+    # Each output code depends on its own input code only, so the lowering may use a table.
+    elementwise = True
 
     K = 1.4142
     SHIFT_BITS = 14

@@ -47,6 +47,19 @@ def shift_exp(t: torch.Tensor, x0_int: int, n: int, shift_cap: int) -> torch.Ten
     return ((r - 2 * x0_int) << shift) >> 1
 
 
+def exp_table_from_reference(scheme: Scheme, c: SchemeConstants, key: str) -> np.ndarray:
+    """Intermediate `key` of `scheme.reference` on the row code_max, code_max - 1, ..., code_min.
+
+    That row's maximum is code_max, so entry j is the value for d = x - rowmax = -j. A
+    softmax scheme's exponential depends on d alone, so a lookup by -d reproduces it.
+    """
+    spec = c.site_input
+    row = torch.arange(spec.code_max, spec.code_min - 1, -1, dtype=torch.int64)[None]
+    intermediates: dict[str, torch.Tensor] = {}
+    scheme.reference(row, c, intermediates)
+    return intermediates[key][0].numpy().copy()
+
+
 def _check_exp_sum(family: str, op_name: str, exp_bound: int, count: int) -> None:
     if exp_bound * count >= REDUCE_SUM_EXACT_LIMIT:
         raise ValueError(f"{op_name} '{family}': a row of {count} exponentials of up to {exp_bound} "
@@ -94,6 +107,10 @@ class IViTShiftmax(Scheme):
         out = (product >> (32 - c["output_bits"])).clamp(max=c.output_max)
         _record(intermediates, row_diff=d, exp=e, exp_sum=raw_sum, factor=factor, product=product, output=out)
         return out
+
+    def exp_table(self, c: SchemeConstants) -> np.ndarray:
+        """The exponentials e of d = 0, -1, ..., -(2^bits - 1), taken from `reference`."""
+        return exp_table_from_reference(self, c, "exp")
 
     def bounds(self, c: SchemeConstants) -> dict[str, int]:
         exp_bound = -c["x0_int"] << self.N
