@@ -117,7 +117,8 @@ def matmul_integer_onnx(b: GraphBuilder, a: QTensor, weight_codes: np.ndarray | 
     in any form. On the CPU target, a signed 8-bit A is fed as uint8 code + 128 with zero
     point 128 (MatMulInteger's u8 x s8 form is the fast one on CPU and stays exact); an
     unsigned 8-bit A is fed as uint8. On the CUDA target A and B are int8 (s8 x s8 is the
-    only CUDA form). An unsigned A wider than 8 bits is split into bytes and the partial
+    only CUDA form), and an unsigned 8-bit A is shifted by -128 with B's column sums adding
+    the shift back. An unsigned A wider than 8 bits is split into bytes and the partial
     products are recombined in int64.
     """
     if weight_codes is not None:
@@ -129,10 +130,18 @@ def matmul_integer_onnx(b: GraphBuilder, a: QTensor, weight_codes: np.ndarray | 
     def finish(acc: str) -> str:
         return acc if out_type == TensorProto.INT32 else b.cast(acc, out_type)
 
-    if a.bits <= 8 and b.target == "cuda":
-        if not a.signed and a.bits == 8:
-            raise NotImplementedError("unsigned 8-bit matmul inputs have no int8 form for the CUDA target; "
-                                      "use 7-bit probabilities or the CPU target")
+    def unsigned_byte_matmul(byte: str) -> str:
+        """int32 A @ B for A with codes in 0..255 (any integer form)."""
+        if b.target != "cuda":
+            return b.node("MatMulInteger", [b.cast(b.codes(byte), TensorProto.UINT8), b_name])
+        # CUDA's MatMulInteger is s8 x s8 only: sum a*w = sum (a - 128)*w + 128 * sum_k w.
+        shifted = b.cast(b.node("Sub", [b.codes(byte, TensorProto.INT32), b.const(128, dtype=np.int32)]),
+                         TensorProto.INT8)
+        column_sums = b.node("ReduceSum", [b.cast(b_name, TensorProto.INT32), b.const([-2])], keepdims=1)
+        return b.node("Add", [b.node("MatMulInteger", [shifted, b_name]),
+                              b.node("Mul", [column_sums, b.const(128, dtype=np.int32)])])
+
+    if a.bits <= 8 and b.target == "cuda" and a.signed:
         return finish(b.node("MatMulInteger", [b.cast(b.codes(a.value, TensorProto.INT32), TensorProto.INT8), b_name]))
     if a.signed:
         if a.bits > 8:
@@ -143,12 +152,12 @@ def matmul_integer_onnx(b: GraphBuilder, a: QTensor, weight_codes: np.ndarray | 
             shifted = b.cast(b.node("Add", [b.codes(a.value), b.const(128)]), TensorProto.UINT8)
         return finish(b.node("MatMulInteger", [shifted, b_name, b.const(128, dtype=np.uint8)]))
     if a.bits <= 8:
-        if dtype == TensorProto.UINT8 and offset == 0:
+        if dtype == TensorProto.UINT8 and offset == 0 and b.target != "cuda":
             return finish(b.node("MatMulInteger", [a.value, b_name]))
-        return finish(b.node("MatMulInteger", [b.cast(b.codes(a.value), TensorProto.UINT8), b_name]))
+        return finish(unsigned_byte_matmul(a.value))
     if a.bits > 32:
         raise NotImplementedError(f"unsigned matmul inputs wider than 32 bits are not lowered (got {a.bits})")
-    # A = sum_j byte_j * 256^j; each byte goes through its own u8 x s8 MatMulInteger.
+    # A = sum_j byte_j * 256^j; each byte goes through its own 8-bit MatMulInteger.
     total = None
     remaining = b.codes(a.value)
     for j in range((a.bits + 7) // 8):
@@ -158,7 +167,7 @@ def matmul_integer_onnx(b: GraphBuilder, a: QTensor, weight_codes: np.ndarray | 
             high = b.node("Div", [remaining, b.const(256)])  # non-negative, so truncation is floor
             byte = b.node("Sub", [remaining, b.node("Mul", [high, b.const(256)])])
             remaining = high
-        part = b.cast(b.node("MatMulInteger", [b.cast(byte, TensorProto.UINT8), b_name]), TensorProto.INT64)
+        part = b.cast(unsigned_byte_matmul(byte), TensorProto.INT64)
         if j:
             part = b.node("Mul", [part, b.const(256**j)])
         total = part if total is None else b.node("Add", [total, part])
