@@ -79,7 +79,7 @@ def load_quantized_model(path: str | Path, plan: Plan | None = None,
 
 
 def load_float_parent(payload: dict[str, Any], source: str) -> PixelClassifier | None:
-    """The float model a quantized checkpoint was fine-tuned from, if it was saved with it."""
+    """Rebuild the float model a quantized checkpoint was fine-tuned from, if it was saved with it."""
     if "float_state_dict" not in payload:
         return None
     model = build_float_model(payload["arch"])
@@ -101,9 +101,9 @@ def plan_differences(trained: Plan, given: Plan) -> list[str]:
 
 def load_calibration_images(image_dir: str | Path, image_shape: tuple[int, int, int], batches: int,
                             batch_size: int, progress: bool = True, arch: dict[str, Any] | None = None):
-    """batches * batch_size images of an image folder, spread over its classes, as uint8 tensors.
+    """Load batches * batch_size images of an image folder, spread over its classes, as uint8 tensors.
 
-    With `arch`, images are resized and cropped as the model's timm config says (as hnq-eval
+    With `arch`, images are resized and cropped as the model's timm config specifies (as hnq-eval
     does); without it they must already have the model's size.
     """
     import torch
@@ -167,7 +167,7 @@ def search_plan(checkpoint: str | Path, calib_dir: str | Path, act_bits: int | N
 
 
 def default_plan(float_model: PixelClassifier, act_bits: int = 8, family: str | None = None) -> Plan:
-    """A plan for `float_model` before any search: one `family` everywhere, or the alternate mix.
+    """Build a plan for `float_model` before any search: one `family` everywhere, or the alternate mix.
 
     With a family that has no scheme for an op (FQ-ViT has no integer GELU), those sites
     take I-BERT's scheme.

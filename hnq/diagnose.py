@@ -92,7 +92,7 @@ def _reference_site_codes(qmodel, pixels: torch.Tensor) -> dict[str, tuple[np.nd
 
 
 def locate_mismatch(onnx_path: str | Path, qmodel, pixels: np.ndarray) -> tuple[MismatchReport | None, dict]:
-    """The first site in model order whose input or output codes differ, with the tensors involved."""
+    """Find the first site in model order whose input or output codes differ, with the tensors involved."""
     import onnxruntime as ort
 
     model = onnx.load(str(onnx_path))

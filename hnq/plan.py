@@ -201,7 +201,7 @@ def _bit_range_problems(bits: dict[str, Any]) -> list[str]:
 
 
 def alternate_plan(model_name: str, sites: dict[str, Any], bits: dict[str, int]) -> Plan:
-    """A mixed plan that alternates I-BERT and I-ViT per op, in model order.
+    """Build a mixed plan that alternates I-BERT and I-ViT per op, in model order.
 
     This is a fixed pattern, not a measured choice: `hnq plan` chooses per site by
     sensitivity. It exists so a model can be quantized with both families before a search.

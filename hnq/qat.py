@@ -1,6 +1,6 @@
 """The training command: float training or QAT under a plan, resumable and distributed.
 
-An output folder holds everything a run writes:
+An output folder contains everything a run writes:
 
 | file | written |
 |---|---|
@@ -184,7 +184,7 @@ def _rank_digests(model: torch.nn.Module) -> list[str] | None:
 
 
 def _quantized_start(job: TrainJob, train_x: torch.Tensor):
-    """The model QAT starts from: a float checkpoint quantized under the plan, or a quantized one."""
+    """Build the model QAT starts from: a float checkpoint quantized under the plan, or a quantized one."""
     from models import QuantConfig, build_float_model, quantize_model
 
     from .api import load_float_parent, load_quantized_model

@@ -10,9 +10,9 @@ and of its output against the float tensors, and reports
 
 Rule "delta-sqnr" takes the candidate with the largest ΔSQNR per site (Kim et al., Mixed
 Non-linear Quantization for Vision Transformers, arXiv 2407.18437, chose by hand from these
-numbers). Rule "float-input" runs each candidate on the site's own float input, quantized
-onto the site's input grid, so no error is inherited from earlier sites, and takes the
-largest output SQNR; it needs no extra pass because it runs during the float pass.
+numbers). Rule "float-input" runs each candidate on the site's own float input, quantized onto the
+site's input grid, so no error is inherited from earlier sites. It takes the largest
+output SQNR, and it needs no extra pass because it runs during the float pass.
 
 Cost: one float pass plus one pass per candidate scheme name over the calibration set.
 """
@@ -49,7 +49,7 @@ EXACT_RATIO = 1e10
 
 
 def candidate_passes() -> list[str]:
-    """One pass per registered scheme name, in a fixed order."""
+    """Return one pass per registered scheme name, in a fixed order."""
     return sorted({scheme.name for scheme in all_schemes()})
 
 
@@ -120,7 +120,7 @@ class SensitivityResult:
         return {c: self.float_input_sqnr_out[site][c] for c in self.candidates[site]}
 
     def choose(self, rule: str = "delta-sqnr") -> dict[str, str]:
-        """The candidate with the largest ΔSQNR per site; ties go to the earlier candidate."""
+        """Pick the candidate with the largest score per site. Ties go to the earlier candidate."""
         if rule not in RULES:
             raise ValueError(f"unknown rule {rule!r}; rules are {', '.join(RULES)}")
         choice = {}

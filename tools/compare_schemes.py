@@ -81,7 +81,12 @@ def main() -> None:
     parser.add_argument("--search-batches", type=int, default=8)
     parser.add_argument("--check-images", type=int, default=1000, help="images checked bit for bit per row")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tables-from", type=Path, default=None,
+                        help="print the markdown tables of an existing results.json (complete or not) and exit")
     args = parser.parse_args()
+    if args.tables_from is not None:
+        print(markdown(json.loads(args.tables_from.read_text()), args))
+        return
     args.output.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
@@ -142,8 +147,11 @@ def main() -> None:
 
 def markdown(results: dict, args) -> str:
     lines = []
+    bits_order = sorted({r["bits"] for r in results["rows"]} | set(args.bits), reverse=True)
+    args.bits = bits_order
     for budget in ("main", "limited"):
-        epochs = args.qat_epochs if budget == "main" else args.limited_epochs
+        recorded = [r["qat_epochs"] for r in results["rows"] if r["budget"] == budget]
+        epochs = recorded[0] if recorded else (args.qat_epochs if budget == "main" else args.limited_epochs)
         lines.append(f"\n### QAT budget: {epochs} epoch{'s' if epochs != 1 else ''} ({budget})\n")
         lines.append("| row | " + " | ".join(f"{b}-bit top-1" for b in args.bits) + " |")
         lines.append("|---|" + "---|" * len(args.bits))
