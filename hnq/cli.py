@@ -300,11 +300,15 @@ def write_images_command(split, limit, data_dir, output, no_progress, verbose, q
 @click.option("--float", "export_float", is_flag=True,
               help="Export the float model instead: a float checkpoint's model, or the float parent saved in "
                    "a quantized checkpoint (float32 logits, no plan).")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider to lower the integer graph for. cuda also checks the "
+                   "model against onnxruntime's CUDA kernel table and fails if a node would run on the CPU.")
 @_logging_options
 @_report_user_errors
-def export_command(checkpoint, plan_path, output, allow_plan_change, export_float, verbose, quiet) -> None:
+def export_command(checkpoint, plan_path, output, allow_plan_change, export_float, target, verbose, quiet) -> None:
     """Export a quantized checkpoint (model.pt) to an integer-only ONNX model, or with --float a float one."""
     from .io import check_output_path
+    from .onnx_builder import lowering_target
     from .pipeline import export_from_checkpoint
     from .plan import Plan
 
@@ -316,12 +320,41 @@ def export_command(checkpoint, plan_path, output, allow_plan_change, export_floa
         if plan_path is not None or allow_plan_change:
             raise click.UsageError("--float exports the float model, which has no plan; "
                                    "drop --plan and --allow-plan-change")
+        if target != "cpu":
+            raise click.UsageError("--target applies to integer exports only; drop it with --float")
         result = export_float_from_checkpoint(checkpoint, output)
         click.echo(f"wrote {result.path} (float, {result.nodes} nodes, {result.bytes / 1024:.1f} KiB)")
         return
     plan = Plan.load(plan_path) if plan_path is not None else None
-    result = export_from_checkpoint(checkpoint, output, plan, allow_plan_change)
+    try:
+        with lowering_target(target):
+            result = export_from_checkpoint(checkpoint, output, plan, allow_plan_change)
+    except NotImplementedError as error:
+        if target != "cuda":
+            raise
+        click.echo(f"error: the CUDA lowering cannot export this model: {error}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
     click.echo(f"wrote {result.path} ({result.nodes} nodes, {result.bytes / 1024:.1f} KiB)")
+    if target == "cuda":
+        _check_cuda_kernels(result.path)
+
+
+def _check_cuda_kernels(path: Path) -> None:
+    """Exit with code 2, listing the nodes, if onnxruntime's CUDA provider would run any node of `path` on the CPU."""
+    import onnx
+
+    from .cuda_kernels import KERNEL_TABLE_COMMIT, find_cuda_fallbacks
+
+    fallbacks = find_cuda_fallbacks(onnx.load(str(path)))
+    if not fallbacks:
+        return
+    click.echo(f"error: {len(fallbacks)} nodes of {path} would run on the CPU under onnxruntime's CUDA provider "
+               f"(kernel table at commit {KERNEL_TABLE_COMMIT}):", err=True)
+    for fallback in fallbacks:
+        click.echo(f"  {fallback.describe()}", err=True)
+    click.echo("the model was written anyway; export with --target cpu, or fix the CUDA lowering of these ops",
+               err=True)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 @click.command("hnq-eval")
