@@ -81,6 +81,8 @@ def main() -> None:
     parser.add_argument("--search-batches", type=int, default=8)
     parser.add_argument("--check-images", type=int, default=1000, help="images checked bit for bit per row")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, help="quantized rows to run")
+    parser.add_argument("--budgets", nargs="+", default=["main", "limited"], choices=["main", "limited"])
     parser.add_argument("--tables-from", type=Path, default=None,
                         help="print the markdown tables of an existing results.json (complete or not) and exit")
     args = parser.parse_args()
@@ -104,6 +106,10 @@ def main() -> None:
         save_float_model(args.float_checkpoint, float_model, builtin_arch(), class_names=list(FASHION_MNIST_CLASSES))
     float_model, _ = load_float_model(args.float_checkpoint)
     results: dict = {"float_top1": top1(predict(float_model, test_x), test_y), "rows": [], "plans": {}}
+    previous = args.output / "results.json"
+    if previous.is_file():  # keep the rows of an earlier, interrupted run; rerun only the missing ones
+        results["rows"] = json.loads(previous.read_text())["rows"]
+    done = {(r["bits"], r["budget"], r["row"]) for r in results["rows"]}
     print(f"float top-1 {results['float_top1']:.4f}", flush=True)
 
     search_images = train_x[-args.search_batches * 64:]
@@ -120,7 +126,11 @@ def main() -> None:
                                        for row, plan in plans.items()}
         results.setdefault("sensitivity", {})[str(bits)] = sensitivity.to_dict()
         for budget_name, epochs in (("main", args.qat_epochs), ("limited", args.limited_epochs)):
-            for row in ROWS:
+            if budget_name not in args.budgets:
+                continue
+            for row in args.rows:
+                if (bits, budget_name, row) in done:
+                    continue
                 tick = time.monotonic()
                 model = copy.deepcopy(float_model)
                 qmodel = quantize_model(model, QuantConfig(act_bits=bits))
