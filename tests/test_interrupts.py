@@ -166,6 +166,9 @@ def test_plan_sigint_leaves_no_partial_file(bundle_copy, tmp_path, moment):
     command = _hnq("plan", str(bundle_copy / "float.pt"), "--calib", str(bundle_copy / "images"),
                    "-o", str(output), *PLAN_ARGS)
     if moment == "during search":
+        # A search long enough (12 batches of 32, five passes each) that 6 s after the start,
+        # past the imports, it is still running even on a fast machine.
+        command = [*command, "--batches", "12", "--batch-size", "32"]
         result = _run_and_signal(command, signal.SIGINT, delay=6.0)
         assert not output.exists(), "SIGINT during the search should stop before plan.json is written"
     else:

@@ -131,7 +131,7 @@ def test_calibration_with_wrong_image_size(trained_bundle):
 PINNED_SIX_BIT_PLAN: dict[str, str] = {
     "blocks.0.norm1": "ibert", "blocks.0.attn.softmax": "ibert", "blocks.0.norm2": "ivit", "blocks.0.mlp.act": "ivit",
     "blocks.1.norm1": "ivit", "blocks.1.attn.softmax": "ibert", "blocks.1.norm2": "ivit", "blocks.1.mlp.act": "ivit",
-    "blocks.2.norm1": "ivit", "blocks.2.attn.softmax": "ibert", "blocks.2.norm2": "ivit", "blocks.2.mlp.act": "ivit",
+    "blocks.2.norm1": "ivit", "blocks.2.attn.softmax": "fqvit", "blocks.2.norm2": "ivit", "blocks.2.mlp.act": "ivit",
     "blocks.3.norm1": "ivit", "blocks.3.attn.softmax": "ibert", "blocks.3.norm2": "ivit", "blocks.3.mlp.act": "ivit",
     "norm": "ivit",
 }
