@@ -5,6 +5,8 @@ Pass a local checkpoint to create_float_model(..., pretrained="deit_tiny.pth") f
 accuracy; without one the weights are random, which is enough to show the integer path.
 """
 
+from pathlib import Path
+
 import numpy as np
 import skimage.data
 import torch
@@ -22,5 +24,6 @@ pixels = pixels.permute(0, 3, 1, 2).contiguous()  # uint8 [N, 3, 224, 224]: the 
 
 hnq.calibrate(qmodel, [pixels], 1)
 qmodel.eval()
-hnq.export_onnx(qmodel, plan, "deit_tiny_int8.onnx", {})
-print(hnq.check_bit_exact("deit_tiny_int8.onnx", qmodel, pixels))
+Path("runs").mkdir(exist_ok=True)
+hnq.export_onnx(qmodel, plan, "runs/deit_tiny_int8.onnx", {})
+print(hnq.check_bit_exact("runs/deit_tiny_int8.onnx", qmodel, pixels))

@@ -62,20 +62,22 @@ def load_quantized_model(path: str | Path, plan: Plan | None = None,
     if "plan" not in payload:
         raise CheckpointError(f"quantized checkpoint {path} has no plan entry; re-create it with hnq")
     trained_plan = Plan.from_dict(payload["plan"], source=f"{path} (embedded plan)")
-    if plan is not None and not allow_plan_change:
+    float_model = build_float_model(payload["arch"])
+    qmodel = quantize(float_model, trained_plan)
+    if plan is not None:
+        plan.validate(qmodel.sites())  # an unknown site or scheme is reported before any difference
         differences = plan_differences(trained_plan, plan)
-        if differences:
-            raise PlanError("given with --plan", [
+        if differences and not allow_plan_change:
+            raise PlanError(plan.source, [
                 *differences,
                 "the model was trained with another plan; pass the plan written next to the checkpoint, "
                 "or --allow-plan-change to export a model that differs from what was trained",
             ])
-    use_plan = plan or trained_plan
-    float_model = build_float_model(payload["arch"])
-    qmodel = quantize(float_model, use_plan)
+        if differences:
+            qmodel = quantize(build_float_model(payload["arch"]), plan)
     load_state_strict(qmodel, payload["state_dict"], str(path))
     qmodel.eval()
-    return qmodel, use_plan, payload
+    return qmodel, plan or trained_plan, payload
 
 
 def load_float_parent(payload: dict[str, Any], source: str) -> PixelClassifier | None:

@@ -91,7 +91,7 @@ def demo_command(output, data_dir, epochs, qat_epochs, bits, calib_batches, batc
     check_output_folder(output)
     report = run_demo(DemoConfig(output=output, data_dir=data_dir, epochs=epochs, qat_epochs=qat_epochs,
                                  act_bits=bits, calib_batches=calib_batches, batch_size=batch_size, seed=seed,
-                                 max_minutes=max_minutes, progress=not no_progress))
+                                 max_minutes=max_minutes, progress=not (no_progress or quiet)))
     click.echo(report.table())
     click.echo(f"wrote {output / 'eval.json'}")
     if report.mismatched:
@@ -127,7 +127,7 @@ def plan_command(checkpoint, calib_dir, output, bits, batches, batch_size, rule,
 
     _configure_logging(verbose, quiet)
     check_output_path(output)
-    plan, result, _ = search_plan(checkpoint, calib_dir, bits, batches, batch_size, rule, progress=not no_progress)
+    plan, result, _ = search_plan(checkpoint, calib_dir, bits, batches, batch_size, rule, progress=not (no_progress or quiet))
     choice = {site: entry["scheme"] for site, entry in plan.sites.items()}
     click.echo(format_table(result, choice, rule))
     click.echo(f"search: {result.passes} batch passes ({len(result.pass_names) + 1} per batch: float and "
@@ -144,7 +144,7 @@ def plan_command(checkpoint, calib_dir, output, bits, batches, batch_size, rule,
 @main.command("train")
 @click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
-              help="plan.json for QAT (default: the mixed alternate plan).")
+              help="plan.json for QAT (default: I-BERT and I-ViT schemes taken in turn along the model).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
               help="Run folder: last.pt, model.pt, plan.json, train_log.json.")
 @click.option("--float", "float_training", is_flag=True,
@@ -192,7 +192,7 @@ def train_command(checkpoint, plan_path, output, float_training, model_name, dat
                    model_name=model_name, data_dir=data_dir, epochs=epochs,
                    lr=lr if lr is not None else (2e-3 if float_training else 1e-4), batch_size=batch_size,
                    act_bits=bits, calib_batches=calib_batches, seed=seed, max_minutes=max_minutes,
-                   checkpoint_every=checkpoint_every, resume=resume, progress=not no_progress)
+                   checkpoint_every=checkpoint_every, resume=resume, progress=not (no_progress or quiet))
     log = run_training(job)
     if "test_top1" in log:
         click.echo(f"test top-1 {100 * log['test_top1']:.2f} % after {log['steps']} of {log['total_steps']} steps"
@@ -259,8 +259,8 @@ def calibrate_command(checkpoint, plan_path, calib_dir, bits, batches, batch_siz
     parent = copy.deepcopy(float_model)
     qmodel = quantize(float_model, plan)
     image_batches = load_calibration_images(calib_dir, qmodel.image_shape, batches, batch_size,
-                                            progress=not no_progress, arch=payload["arch"])
-    calibrate_float(qmodel, image_batches, len(image_batches), progress=not no_progress)
+                                            progress=not (no_progress or quiet), arch=payload["arch"])
+    calibrate_float(qmodel, image_batches, len(image_batches), progress=not (no_progress or quiet))
     extra = {k: payload[k] for k in ("class_names",) if k in payload}
     save_quantized_model(output, qmodel, plan, payload["arch"], float_model=parent, **extra)
     click.echo(f"wrote {output} (calibrated on {batches * batch_size} images, plan rule {plan.rule})")
@@ -286,7 +286,7 @@ def write_images_command(split, limit, data_dir, output, no_progress, verbose, q
         (data.test_images, data.test_labels)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    write_image_folder(images, labels, FASHION_MNIST_CLASSES, output, progress=not no_progress)
+    write_image_folder(images, labels, FASHION_MNIST_CLASSES, output, progress=not (no_progress or quiet))
     click.echo(f"wrote {len(labels)} images to {output}")
 
 
@@ -388,7 +388,7 @@ def eval_command(model, image_dir, checkpoint, no_reference, batch_size, limit, 
         check_output_path(json_path)
     reproducer_dir = (json_path if json_path is not None else model).with_suffix(".mismatch")
     report = evaluate(model, image_dir, checkpoint=checkpoint, reference=not no_reference, batch_size=batch_size,
-                      limit=limit, provider=provider, progress=not no_progress, reproducer_dir=reproducer_dir)
+                      limit=limit, provider=provider, progress=not (no_progress or quiet), reproducer_dir=reproducer_dir)
     click.echo(report.table())
     max_listed = 20
     for item in report.skipped[:max_listed]:

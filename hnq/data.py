@@ -516,7 +516,7 @@ def _check_image_size(path: Path, image: Image.Image, size: tuple[int, int]) -> 
         raise DataError(
             f"image {path} is {image.width}x{image.height} (width x height) but "
             f"{width}x{height} is expected; resize the images to {width}x{height} "
-            f"or export the model for {image.width}x{image.height}"
+            f"or use a model built for {image.width}x{image.height} input"
         )
 
 

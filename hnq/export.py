@@ -71,7 +71,7 @@ def export_onnx(qmodel, plan: Plan, path: str | Path, metadata: dict[str, Any]) 
     with atomic_output(path, suffix=".onnx") as tmp:
         onnx.save(model, str(tmp))
     size = os.path.getsize(path)
-    _logger.info("wrote %s (%d nodes, %.1f KiB)", path, len(model.graph.node), size / 1024)
+    _logger.debug("wrote %s (%d nodes, %.1f KiB)", path, len(model.graph.node), size / 1024)
     return ExportResult(path, len(model.graph.node), len(model.graph.initializer), size, logits_scale)
 
 
@@ -179,7 +179,7 @@ def export_float_onnx(float_model, path: str | Path, metadata: dict[str, Any]) -
     with atomic_output(path, suffix=".onnx") as tmp:
         onnx.save(model, str(tmp))
     size = os.path.getsize(path)
-    _logger.info("wrote %s (float, %d nodes, %.1f KiB)", path, len(model.graph.node), size / 1024)
+    _logger.debug("wrote %s (float, %d nodes, %.1f KiB)", path, len(model.graph.node), size / 1024)
     return ExportResult(path, len(model.graph.node), len(model.graph.initializer), size, 1.0)
 
 

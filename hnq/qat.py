@@ -91,8 +91,6 @@ def run_training(job: TrainJob) -> dict[str, Any]:
 
     started = time.monotonic()
     out = job.output
-    if _is_rank_zero():
-        out.mkdir(parents=True, exist_ok=True)
     last = out / "last.pt"
     if job.resume and not last.is_file():
         raise CheckpointError(f"--resume: no {last} to resume from; start the run without --resume")
@@ -100,6 +98,12 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         raise CheckpointError(f"{last} exists from an earlier run; pass --resume to continue it, "
                               "or choose another --output")
 
+    # Inputs that can be checked cheaply are checked before the data set loads and before
+    # the run folder exists, so a bad argument leaves nothing behind.
+    if job.plan is not None:
+        Plan.load(job.plan)
+    if job.checkpoint is not None:
+        load_checkpoint(job.checkpoint)
     data = load_fashion_mnist(job.data_dir)
     train_x = torch.from_numpy(data.train_images).unsqueeze(1)
     train_y = torch.from_numpy(data.train_labels)
@@ -121,6 +125,9 @@ def run_training(job: TrainJob) -> dict[str, Any]:
         trainer_model = model
         cfg = TrainConfig(epochs=job.epochs, lr=job.lr, batch_size=job.batch_size, seed=job.seed,
                           max_minutes=job.max_minutes, warmup_fraction=0.0, progress=job.progress)
+
+    if _is_rank_zero():
+        out.mkdir(parents=True, exist_ok=True)
 
     def save_last(trainer: Trainer) -> None:
         if not _is_rank_zero():
