@@ -33,7 +33,11 @@ class CheckpointError(ValueError):
 
 
 def check_output_path(path: str | Path) -> Path:
-    """Fail early, before long work, if `path` cannot be written."""
+    """Fail early, before long work, if `path` cannot be written.
+
+    NOTE: free disk space is not checked, so a full disk fails only at the write itself
+    (which still leaves no partial file under the final name).
+    """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
