@@ -166,16 +166,32 @@ def test_plan_sigint_leaves_no_partial_file(bundle_copy, tmp_path, moment):
     command = _hnq("plan", str(bundle_copy / "float.pt"), "--calib", str(bundle_copy / "images"),
                    "-o", str(output), *PLAN_ARGS)
     if moment == "during search":
-        # A search long enough (12 batches of 32, five passes each) that 6 s after the start,
-        # past the imports, it is still running even on a fast machine.
-        command = [*command, "--batches", "12", "--batch-size", "32"]
-        result = _run_and_signal(command, signal.SIGINT, delay=6.0)
+        # Signal as soon as the command logs that it found the calibration folder: the 31
+        # batches of calibration and five search passes each still lie ahead.
+        command = [arg for arg in command if arg != "--quiet"] + ["--batches", "31", "--batch-size", "32"]
+        result = _signal_after_log_line(command, signal.SIGINT, marker="images in")
         assert not output.exists(), "SIGINT during the search should stop before plan.json is written"
     else:
         result = _run_and_signal(command, signal.SIGINT, watch=tmp_path)
     assert result.returncode in SIGINT_STATUSES, result.stderr
     _assert_plan_outputs_absent_or_complete(output)
     assert _temporary_files(tmp_path) == []
+
+
+def _signal_after_log_line(command: list[str], sig: int, marker: str,
+                           timeout: float = 300) -> subprocess.CompletedProcess:
+    """Start `command` and send `sig` right after a stderr line containing `marker`."""
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.monotonic() + timeout
+    for line in process.stderr:
+        lines.append(line)
+        if marker in line or time.monotonic() > deadline:
+            break
+    if process.poll() is None:
+        process.send_signal(sig)
+    stdout, rest = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, "".join(lines) + rest)
 
 
 def test_plan_sigkill_then_rerun_succeeds(bundle_copy, tmp_path):
