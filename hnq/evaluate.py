@@ -107,7 +107,7 @@ class EvalReport:
 
 
 def read_metadata(onnx_path: str | Path) -> dict[str, Any]:
-    """The `hnq.*` metadata of an HNQ ONNX file, JSON values decoded."""
+    """Read the `hnq.*` metadata of an HNQ ONNX file, JSON values decoded."""
     path = Path(onnx_path)
     if not path.is_file():
         raise ModelFileError(f"ONNX model {path} not found; export one with `hnq-export model.pt --plan plan.json -o {path}`")

@@ -425,11 +425,11 @@ class SchemeSite(nn.Module):
         return y
 
     def integer_forward(self, x: QTensor) -> QTensor:
-        """The integer reference of this site on input codes `x` (eval mode)."""
+        """Run the integer reference of this site on input codes `x` (eval mode)."""
         raise NotImplementedError
 
     def input_quantizer(self) -> ActQuantizer | None:
-        """The quantizer that sets this site's input grid, if the site's scheme chooses its width."""
+        """Return the quantizer that sets this site's input grid, if the site's scheme chooses its width."""
         return None
 
     def quantize_input(self, x: QTensor, scheme_name: str) -> QTensor:

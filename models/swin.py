@@ -443,7 +443,7 @@ class QuantSwin(nn.Module):
             site.site_name = name
 
     def sites(self) -> "OrderedDict[str, nn.Module]":
-        """Every non-linear site in model order, named as in the timm model."""
+        """List every non-linear site in model order, named as in the timm model."""
         sites: OrderedDict[str, nn.Module] = OrderedDict()
         if self.patch_norm is not None:
             sites["patch_embed.norm"] = self.patch_norm

@@ -391,7 +391,7 @@ class QuantViT(nn.Module):
             site.site_name = name
 
     def sites(self) -> "OrderedDict[str, nn.Module]":
-        """Every non-linear site in model order, named as in the timm model."""
+        """List every non-linear site in model order, named as in the timm model."""
         sites: OrderedDict[str, nn.Module] = OrderedDict()
         for i, block in enumerate(self.blocks):
             sites[f"blocks.{i}.norm1"] = block.norm1

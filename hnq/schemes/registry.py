@@ -64,7 +64,7 @@ def all_schemes() -> list[Scheme]:
 
 
 def onnx_functions() -> list:
-    """Every FunctionProto a model may call: each family module's `FUNCTIONS` and the helpers."""
+    """Collect every FunctionProto a model may call: each family module's `FUNCTIONS` and the helpers."""
     import importlib
 
     from onnx_ops.common import COMMON_FUNCTIONS
