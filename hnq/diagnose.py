@@ -1,8 +1,9 @@
 """Explain a bit-exact mismatch: the first site where ORT and the PyTorch reference differ.
 
-The exporter records, for every site, the ONNX tensors of its input and output and the
-node that calls its scheme (metadata `hnq.site_tensors`). `locate_mismatch` runs the model
-in ORT with those tensors as extra outputs, runs the integer reference with site
+The exporter records, for every site, the ONNX tensors of its input and output as they are
+stored (uint8 code + 128, for example: each with its offset) and the node that calls its
+scheme (metadata `hnq.site_tensors`). `locate_mismatch` runs the model in ORT with those
+tensors as extra outputs, subtracts the offsets, runs the integer reference with site
 recorders, and walks the sites in model order. `write_reproducer` cuts the smallest model
 around the first differing site and saves it with its input and both outputs.
 """
@@ -24,7 +25,7 @@ import onnxruntime as ort
 
 data = np.load("tensors.npz")
 session = ort.InferenceSession("site.onnx", providers=["CPUExecutionProvider"])
-got = session.run(None, {{session.get_inputs()[0].name: data["input"]}})[0].astype(np.int64)
+got = session.run(None, {{session.get_inputs()[0].name: data["input"]}})[0].astype(np.int64) - {output_offset}
 expected = data["reference_output"]
 differs = got != expected
 print("site: {site} (scheme {scheme}, node {node})")
@@ -52,17 +53,19 @@ class MismatchReport:
 
     def describe(self) -> str:
         origin = ("before this site (its input already differs)" if self.where == "input"
-                  else f"in this site (its input agrees, its output differs)")
+                  else "in this site (its input agrees, its output differs)")
         return (f"first mismatch at site {self.site!r} (scheme {self.scheme!r}, ONNX node {self.node!r}), "
                 f"{origin}: {self.mismatched} of {self.codes} codes differ, largest difference "
                 f"{self.max_difference}")
 
 
-def _site_tensors(model: onnx.ModelProto) -> dict[str, dict[str, str]]:
+def _site_tensors(model: onnx.ModelProto) -> dict[str, dict]:
     props = {p.key: p.value for p in model.metadata_props}
-    if "hnq.site_tensors" not in props:
-        raise ValueError("the model records no site tensors (exported by an older hnq-export): re-export it")
-    return json.loads(props["hnq.site_tensors"])
+    entries = json.loads(props.get("hnq.site_tensors", "{}"))
+    if not entries or not all(isinstance(e.get("input"), dict) for e in entries.values()):
+        raise ValueError("the model records no site tensors in the current form (exported by an older "
+                         "hnq-export): re-export it")
+    return entries
 
 
 def _with_site_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -98,7 +101,7 @@ def locate_mismatch(onnx_path: str | Path, qmodel, pixels: np.ndarray) -> tuple[
     model = onnx.load(str(onnx_path))
     site_tensors = _site_tensors(model)
     order = [name for name in qmodel.sites() if name in site_tensors]
-    names = [site_tensors[s][k] for s in order for k in ("input", "output")]
+    names = [site_tensors[s][k]["name"] for s in order for k in ("input", "output")]
     probe = _with_site_outputs(model, names)
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -109,7 +112,7 @@ def locate_mismatch(onnx_path: str | Path, qmodel, pixels: np.ndarray) -> tuple[
     for site in order:
         entry = site_tensors[site]
         for where, index in (("input", 0), ("output", 1)):
-            got = values[entry[where]].astype(np.int64)
+            got = values[entry[where]["name"]].astype(np.int64) - entry[where]["offset"]
             expected = reference[site][index]
             differs = got != expected
             if differs.any():
@@ -118,7 +121,7 @@ def locate_mismatch(onnx_path: str | Path, qmodel, pixels: np.ndarray) -> tuple[
                     mismatched=int(differs.sum()), max_difference=int(np.abs(got - expected).max()),
                     first_index=[int(i) for i in np.argwhere(differs)[0]],
                 )
-                tensors = {"input": values[entry["input"]], "ort_output": values[entry["output"]],
+                tensors = {"input": values[entry["input"]["name"]], "ort_output": values[entry["output"]["name"]],
                            "reference_input": reference[site][0], "reference_output": reference[site][1]}
                 return report, tensors
     return None, {}
@@ -133,11 +136,12 @@ def write_reproducer(onnx_path: str | Path, report: MismatchReport, tensors: dic
     model = onnx.load(str(onnx_path))
     entry = _site_tensors(model)[report.site]
     inferred = onnx.shape_inference.infer_shapes(model)
-    sub = Extractor(inferred).extract_model([entry["input"]], [entry["output"]])
+    sub = Extractor(inferred).extract_model([entry["input"]["name"]], [entry["output"]["name"]])
     onnx.save(sub, str(folder / "site.onnx"))
     np.savez(folder / "tensors.npz", input=tensors["input"], ort_output=tensors["ort_output"],
              reference_input=tensors["reference_input"], reference_output=tensors["reference_output"])
     (folder / "reproduce.py").write_text(REPRODUCER_SCRIPT.format(site=report.site, scheme=report.scheme,
-                                                                   node=report.node))
+                                                                   node=report.node,
+                                                                   output_offset=entry["output"]["offset"]))
     (folder / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return folder

@@ -140,7 +140,7 @@ def load_checkpoint(path: str | Path, expect_kind: str | None = None) -> dict[st
         )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
+    except pickle.UnpicklingError:
         raise CheckpointError(
             f"checkpoint {path} was rejected: it holds objects other than tensors and plain data, "
             "and loading it could run code. Only load files you trust, and re-save HNQ checkpoints "

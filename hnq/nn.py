@@ -414,14 +414,14 @@ class SchemeSite(nn.Module):
                   for v in scheme.onnx_constant_inputs(c)]
         x_value = b.codes(x.value, dtype)
         out = b.call(scheme.onnx_function, [x_value, *consts], name=f"{self.op}_{scheme.name}")
-        b.site_tensors[self.site_name] = {"input": x_value, "node": b.last_node_name, "scheme": scheme.name}
+        b.site_tensors[self.site_name] = {"input": b.site_tensor(x_value), "node": b.last_node_name,
+                                          "scheme": scheme.name}
         return b.cast(out, TensorProto.INT64) if dtype == TensorProto.INT32 else out
 
     def record_onnx_output(self, b: GraphBuilder, y: QTensor) -> QTensor:
-        # Plain codes for the mismatch search (hnq.diagnose), which reads them as int64.
-        # NOTE: onnxruntime runs such a conversion node even though nothing in the graph
-        # reads it; int32 keeps that cost at about a third of int64's.
-        b.site_tensors[self.site_name]["output"] = b.codes(y.value, TensorProto.INT32)
+        # The stored tensor and its offset, for the mismatch search (hnq.diagnose); a
+        # conversion node here would run on every inference although nothing reads it.
+        b.site_tensors[self.site_name]["output"] = b.site_tensor(y.value)
         return y
 
     def integer_forward(self, x: QTensor) -> QTensor:
@@ -455,9 +455,7 @@ class SchemeSite(nn.Module):
 
 
 # Softmax schemes that the CPU export lowers with an exponential table (SoftmaxSite.table_onnx).
-# NOTE: I-ViT's Shiftmax has a table path too (tests/test_lowering.py checks it), but the
-# export still calls its hnq function because tests/test_families.py expects that call.
-TABLE_SOFTMAX_SCHEMES = ("ibert",)
+TABLE_SOFTMAX_SCHEMES = ("ibert", "ivit")
 
 
 class SoftmaxSite(SchemeSite):
@@ -489,7 +487,7 @@ class SoftmaxSite(SchemeSite):
 
     def integer_forward(self, x: QTensor) -> QTensor:
         c = self.constants(x, output_bits=self.output_bits)
-        y = QTensor(self.scheme.reference(x.value, c), c.output_scale, self.probability_bits(c), signed=False)
+        y = QTensor(self.scheme.fast_reference(x.value, c), c.output_scale, self.probability_bits(c), signed=False)
         return self._record(x, y)
 
     @staticmethod
@@ -521,15 +519,22 @@ class SoftmaxSite(SchemeSite):
             return None
         dtype = self.onnx_dtype(c)
         np_dtype = np.int32 if dtype == TensorProto.INT32 else np.int64
-        b.site_tensors[self.site_name] = {"input": b.codes(x.value, TensorProto.INT32), "scheme": scheme.name}
+        b.site_tensors[self.site_name] = {"input": b.site_tensor(x.value), "scheme": scheme.name}
         stored = x.value
         if mask is not None:
             stored = b.node("Where", [mask, b.const(0, dtype=np.uint8), stored])
         values = b.cast(stored, TensorProto.INT32)
         row_diff = b.node("Sub", [b.node("ReduceMax", [values, b.const([-1])], keepdims=1), values])
-        exp = lookup_onnx(b, scheme.exp_table(c).astype(np_dtype), row_diff, name=f"{scheme.name}_exp_table")
+        table = scheme.exp_table(c)
+        # onnxruntime's ReduceSum is about 3x faster on int32 than on int64, and exact while
+        # the row sum (at most the largest exponential times the row length) fits int32.
+        sum_in_int32 = int(table.max()) * c.site_input.length < 2**31
+        exp = lookup_onnx(b, table.astype(np.int32 if sum_in_int32 else np_dtype), row_diff,
+                          name=f"{scheme.name}_exp_table")
         b.site_tensors[self.site_name]["node"] = b.last_node_name
         total = b.node("ReduceSum", [exp, b.const([-1])], keepdims=1)
+        if sum_in_int32 and np_dtype != np.int32:
+            exp, total = b.cast(exp, dtype), b.cast(total, dtype)
 
         def const(value: int) -> str:
             return b.const(_constant_for_dtype(value, np_dtype), dtype=np_dtype)
@@ -587,43 +592,38 @@ class GeluSite(SchemeSite):
 
     def integer_forward(self, x: QTensor) -> QTensor:
         c = self.constants(x)
-        codes = self.scheme.reference(x.value, c)
+        codes = self.scheme.fast_reference(x.value, c)
         bound = max(abs(c.output_min), abs(c.output_max))
         return self._record(x, quantizer_requantize(self.out_quant, codes, c.output_scale, bound))
 
-    def lookup_table(self, c: SchemeConstants) -> tuple[np.ndarray, int]:
-        """Output codes minus out_quant.code_min for every input, and the table's row length.
-
-        An elementwise scheme gives one row over the input codes code_min..code_max. Any
-        other scheme (I-ViT's ShiftGELU reads the row maximum) gives a row per row maximum
-        m: entry [m - code_min, x - code_min] is the output for x on a row whose maximum
-        is m, computed on the row min(code, m) over every code. Entries with x > m are never
-        read.
-        """
-        spec = c.site_input
-        codes = torch.arange(spec.code_min, spec.code_max + 1, dtype=torch.int64)
-        rows = codes[None] if self.scheme.elementwise else torch.minimum(codes[None, :], codes[:, None])
-        out = self.scheme.reference(rows, c)
+    def lookup_table(self, c: SchemeConstants) -> tuple[np.ndarray, int] | None:
+        """Output codes minus out_quant.code_min for every input (the scheme's `code_table`
+        followed by the output requantization), flattened, and the table's row length."""
+        codes = self.scheme.code_table(c)
+        if codes is None:
+            return None
         bound = max(abs(c.output_min), abs(c.output_max))
-        final = quantizer_requantize(self.out_quant, out, c.output_scale, bound).value - self.out_quant.code_min
+        final = quantizer_requantize(self.out_quant, codes, c.output_scale, bound).value - self.out_quant.code_min
         table = final.reshape(-1).numpy()
-        return table.astype(_table_dtype(0, int(table.max()))), len(codes)
+        return table.astype(_table_dtype(0, int(table.max()))), codes.shape[-1]
 
     def table_onnx(self, b: GraphBuilder, x: QTensor, c: SchemeConstants) -> QTensor | None:
         """CPU lowering of scheme and output requantization as one table lookup; None where it does not apply.
 
-        Applies to elementwise schemes up to 16 input bits and to others up to 8 bits.
+        Applies where the scheme has a `code_table` (see `Scheme.code_table` for the limits).
         """
-        limit = 16 if self.scheme.elementwise else 8
-        if b.target != "cpu" or x.bits > limit or b.form(x.value)[1] != -x.code_min:
+        if b.target != "cpu" or b.form(x.value)[1] != -x.code_min:
             return None
-        table, row_length = self.lookup_table(c)
+        found = self.lookup_table(c)
+        if found is None:
+            return None
+        table, row_length = found
         values = b.cast(x.value, TensorProto.INT32) if b.form(x.value)[0] != TensorProto.INT32 else x.value
         index = values
         if not self.scheme.elementwise:
             row_max = b.node("ReduceMax", [values, b.const([-1])], keepdims=1)
             index = b.node("Add", [b.node("Mul", [row_max, b.const(row_length, dtype=np.int32)]), values])
-        b.site_tensors[self.site_name] = {"input": b.codes(x.value, TensorProto.INT32), "scheme": self.scheme.name}
+        b.site_tensors[self.site_name] = {"input": b.site_tensor(x.value), "scheme": self.scheme.name}
         out = lookup_onnx(b, table, index, name=f"gelu_{self.scheme.name}_table")
         b.site_tensors[self.site_name]["node"] = b.last_node_name
         q = self.out_quant
@@ -710,7 +710,7 @@ class LayerNormSite(SchemeSite):
     def integer_forward(self, x: QTensor) -> QTensor:
         c = self.constants(x)
         q = self.out_quant
-        n = self.scheme.reference(x.value, c)
+        n = self.scheme.fast_reference(x.value, c)
         m, s, offset = (torch.from_numpy(a) for a in self.affine_params(c))
         codes = round_shift(n * m + offset, s).clamp(q.code_min, q.code_max)
         return self._record(x, QTensor(codes, q.scale, q.bits, q.signed))

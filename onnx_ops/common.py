@@ -60,7 +60,25 @@ def NewtonSqrtStep(x: T, v: T) -> T:
     return op.Min(x, op.Div(op.Add(x, op.Div(v, x)), two))
 
 
-COMMON_FUNCTIONS = COMMON_FUNCTIONS + (BitLength, NewtonSqrtStep)
+@script(hnq, default_opset=op)
+def IntegerSqrt(v: T, powers: T) -> T:
+    """floor(sqrt(v)) for 1 <= v < 2^62, with powers[i] = 2^i.
+
+    The start 2^ceil(bits(v)/2) is at least sqrt(v), and six monotone Newton steps reach
+    the integer square root from there (the proof is in hnq.schemes.ibert.IBertLayerNorm).
+    """
+    one = op.CastLike(op.Constant(value_int=1), v)
+    two = op.CastLike(op.Constant(value_int=2), v)
+    root = op.Gather(powers, op.Div(op.Add(BitLength(v, powers), one), two))
+    root = NewtonSqrtStep(root, v)
+    root = NewtonSqrtStep(root, v)
+    root = NewtonSqrtStep(root, v)
+    root = NewtonSqrtStep(root, v)
+    root = NewtonSqrtStep(root, v)
+    return NewtonSqrtStep(root, v)
+
+
+COMMON_FUNCTIONS = COMMON_FUNCTIONS + (BitLength, NewtonSqrtStep, IntegerSqrt)
 
 
 @script(hnq, default_opset=op)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from onnxscript import opset18 as op
 from onnxscript import script
 
-from .common import BitLength, FloorDiv, FloorLog2, NewtonSqrtStep, RoundDivHalfEven, T, hnq
+from .common import BitLength, FloorDiv, FloorLog2, IntegerSqrt, NewtonSqrtStep, RoundDivHalfEven, T, hnq
 
 
 @script(hnq, default_opset=op)
@@ -34,7 +34,14 @@ def FQViTLogIntSoftmax(x: T, x0_abs: T, d_min: T, b: T, c: T, n: T, linear_shift
     r = op.Add(d, op.Mul(q, x0_abs))
     z = op.Add(op.Mul(op.Add(r, b), r), c)
     exp = op.Max(op.Mul(z, op.Gather(powers, op.Sub(n, q))), zero)
-    total = op.ReduceSum(exp, axes, keepdims=1)
+    # ReduceSum on int64 accumulates in float64, exact only below 2^53, while a row's sum
+    # reaches 2^62. Summing the high and low 26 bits apart keeps each partial sum below
+    # 2^53 for rows up to 2^27 entries (high parts are at most 2^36), and the int64
+    # recombination is exact.
+    low_span = op.CastLike(op.Constant(value_int=2**26), x)
+    high = op.Div(exp, low_span)
+    low = op.Sub(exp, op.Mul(high, low_span))
+    total = op.Add(op.Mul(op.ReduceSum(high, axes, keepdims=1), low_span), op.ReduceSum(low, axes, keepdims=1))
     # An entry with exp = 0 is masked, as the reference's division by zero does.
     ratio = RoundDivHalfEven(total, op.Max(exp, one))
     floor_k = FloorLog2(ratio, powers)
@@ -58,17 +65,9 @@ def FQViTLayerNorm(x: T, multiplier: T, divisors: T, code_min: T, code_max: T, a
     mean = FloorDiv(op.Add(op.Mul(total, two), length), op.Mul(length, two))
     y = op.Sub(common, mean)
     var = op.Max(op.ReduceSum(op.Mul(y, y), axes, keepdims=1), one)
-    # Start 2^ceil(bits(var)/2) >= sqrt(var); six steps reach isqrt(var) for var < 2^62
-    # (the proof is in hnq.schemes.ibert.IBertLayerNorm).
-    std = op.Gather(powers, op.Div(op.Add(BitLength(var, powers), one), two))
-    std = NewtonSqrtStep(std, var)
-    std = NewtonSqrtStep(std, var)
-    std = NewtonSqrtStep(std, var)
-    std = NewtonSqrtStep(std, var)
-    std = NewtonSqrtStep(std, var)
-    std = NewtonSqrtStep(std, var)
-    factor = op.Div(numerator, std)
+    factor = op.Div(numerator, IntegerSqrt(var, powers))
     return FloorDiv(op.Mul(y, factor), two)
 
 
-FUNCTIONS = (FQViTLogIntSoftmax, FQViTLayerNorm, FloorDiv, FloorLog2, RoundDivHalfEven, BitLength, NewtonSqrtStep)
+FUNCTIONS = (FQViTLogIntSoftmax, FQViTLayerNorm, FloorDiv, FloorLog2, RoundDivHalfEven, BitLength, NewtonSqrtStep,
+             IntegerSqrt)

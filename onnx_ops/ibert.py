@@ -12,7 +12,7 @@ from __future__ import annotations
 from onnxscript import opset18 as op
 from onnxscript import script
 
-from .common import BitLength, FloorDiv, NewtonSqrtStep, RoundShift, T, hnq
+from .common import BitLength, FloorDiv, IntegerSqrt, NewtonSqrtStep, RoundShift, T, hnq
 
 
 @script(hnq, default_opset=op)
@@ -55,16 +55,9 @@ def IBertLayerNorm(x: T, length: T, numerator: T, powers: T) -> T:
     mean = FloorDiv(op.Add(op.Mul(total, two), length), op.Mul(length, two))
     y = op.Sub(x, mean)
     var = op.Max(op.ReduceSum(op.Mul(y, y), axes, keepdims=1), one)
-    # Start 2^ceil(bits(var)/2) >= sqrt(var); six steps reach isqrt(var) for var < 2^62.
-    std = op.Gather(powers, op.Div(op.Add(BitLength(var, powers), one), two))
-    std = NewtonSqrtStep(std, var)
-    std = NewtonSqrtStep(std, var)
-    std = NewtonSqrtStep(std, var)
-    std = NewtonSqrtStep(std, var)
-    std = NewtonSqrtStep(std, var)
-    std = NewtonSqrtStep(std, var)
-    factor = op.Div(numerator, std)
+    factor = op.Div(numerator, IntegerSqrt(var, powers))
     return FloorDiv(op.Mul(y, factor), two)
 
 
-FUNCTIONS = (IBertSoftmax, IBertGELU, IBertLayerNorm, FloorDiv, RoundShift, BitLength, NewtonSqrtStep)
+FUNCTIONS = (IBertSoftmax, IBertGELU, IBertLayerNorm, FloorDiv, RoundShift, BitLength, NewtonSqrtStep,
+             IntegerSqrt)

@@ -52,18 +52,19 @@ def int32_constant(value: np.ndarray) -> np.ndarray:
     return array.astype(np.int32)
 
 
-def build_model(scheme, c, rank: int, dtype=np.int64) -> onnx.ModelProto:
-    """One-node model around the scheme's function, with inputs, constants and output of `dtype`."""
-    constants = scheme.onnx_constant_inputs(c)
-    if dtype is np.int32:
-        constants = [int32_constant(v) for v in constants]
-    names = [f"const_{i}" for i in range(len(constants))]
-    initializers = [numpy_helper.from_array(np.asarray(v, dtype=dtype), name) for v, name in zip(constants, names)]
+def scheme_node_model(scheme, constant_names: list[str], extra_inputs: list, initializers: list,
+                      onnx_type: int, rank: int) -> onnx.ModelProto:
+    """Check and return a one-node model y = scheme function(x, *constants), x and y of `onnx_type`.
+
+    The constants are initializers, extra graph inputs, or both; `extra_inputs` are their
+    value infos when they are graph inputs.
+    """
     dims = [f"d{i}" for i in range(rank)]
-    x = helper.make_tensor_value_info("x", _ONNX_TYPES[dtype], dims)
-    y = helper.make_tensor_value_info("y", _ONNX_TYPES[dtype], dims)
-    node = helper.make_node(scheme.onnx_function.name, ["x", *names], ["y"], domain=HNQ_DOMAIN)
-    graph = helper.make_graph([node], f"{scheme.op}_{scheme.name}", [x], [y], initializer=initializers)
+    x = helper.make_tensor_value_info("x", onnx_type, dims)
+    y = helper.make_tensor_value_info("y", onnx_type, dims)
+    node = helper.make_node(scheme.onnx_function.name, ["x", *constant_names], ["y"], domain=HNQ_DOMAIN)
+    graph = helper.make_graph([node], f"{scheme.op}_{scheme.name}", [x, *extra_inputs], [y],
+                              initializer=initializers)
     model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET_VERSION), helper.make_opsetid(HNQ_DOMAIN, 1)],
@@ -72,6 +73,16 @@ def build_model(scheme, c, rank: int, dtype=np.int64) -> onnx.ModelProto:
     )
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def build_model(scheme, c, rank: int, dtype=np.int64) -> onnx.ModelProto:
+    """One-node model around the scheme's function, with inputs, constants and output of `dtype`."""
+    constants = scheme.onnx_constant_inputs(c)
+    if dtype is np.int32:
+        constants = [int32_constant(v) for v in constants]
+    names = [f"const_{i}" for i in range(len(constants))]
+    initializers = [numpy_helper.from_array(np.asarray(v, dtype=dtype), name) for v, name in zip(constants, names)]
+    return scheme_node_model(scheme, names, [], initializers, _ONNX_TYPES[dtype], rank)
 
 
 def run_ort(model: onnx.ModelProto, x: np.ndarray, dtype=np.int64) -> np.ndarray:

@@ -10,47 +10,18 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
 from hnq.schemes.base import SiteInput
-from hnq.schemes.registry import get_scheme, onnx_functions
-from onnx_ops.common import HNQ_DOMAIN, IR_VERSION, OPSET_VERSION
+from hnq.schemes.registry import get_scheme
+from test_scheme_bounds import build_model, run_ort
 
 SCALES = (0.02, 0.1, 10 / 127)
 ROW_LENGTHS = (49, 50, 197)
 CHANNELS = (64, 192, 768)
 # Intermediates that pass through ReduceSum in the ONNX functions; ORT adds int64 in double.
 REDUCE_SUM_NAMES = {"exp16_sum", "exp_sum", "row_sum", "variance"}
-
-_FUNCTIONS = onnx_functions()
-
-
-def build_model(scheme, c, rank: int) -> onnx.ModelProto:
-    constants = scheme.onnx_constant_inputs(c)
-    names = [f"const_{i}" for i in range(len(constants))]
-    initializers = [numpy_helper.from_array(np.asarray(v, dtype=np.int64), name) for v, name in zip(constants, names)]
-    dims = [f"d{i}" for i in range(rank)]
-    x = helper.make_tensor_value_info("x", TensorProto.INT64, dims)
-    y = helper.make_tensor_value_info("y", TensorProto.INT64, dims)
-    node = helper.make_node(scheme.onnx_function.name, ["x", *names], ["y"], domain=HNQ_DOMAIN)
-    graph = helper.make_graph([node], f"{scheme.op}_{scheme.name}", [x], [y], initializer=initializers)
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", OPSET_VERSION), helper.make_opsetid(HNQ_DOMAIN, 1)],
-        functions=_FUNCTIONS,
-        ir_version=IR_VERSION,
-    )
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x.astype(np.int64)})[0]
 
 
 def assert_ort_matches_reference(scheme, c, codes: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,9 @@ import torch
 
 OPS = ("softmax", "gelu", "layernorm")
 
+# Widest input whose every code fits one lookup table in `Scheme.fast_reference` (64 Ki entries).
+TABLE_MAX_INPUT_BITS = 16
+
 
 @dataclass(frozen=True)
 class SiteInput:
@@ -81,6 +84,9 @@ class Scheme(ABC):
     # True when each output code is a function of the same position's input code alone
     # (no row statistic), so the ONNX lowering may replace the scheme by a lookup table.
     elementwise: ClassVar[bool] = False
+    # True when each output code is a function of the same position's input code and its
+    # row's maximum alone (I-ViT's ShiftGELU), so a table indexed by both reproduces it.
+    row_max_elementwise: ClassVar[bool] = False
 
     @abstractmethod
     def constants(self, site_input: SiteInput, **options: Any) -> SchemeConstants:
@@ -105,17 +111,51 @@ class Scheme(ABC):
     def float_op(x: torch.Tensor) -> torch.Tensor:
         """The float op the scheme approximates, on real values (for gradients and error)."""
 
+    def code_table(self, c: SchemeConstants) -> torch.Tensor | None:
+        """Compute the reference's output for every input code, or None where no table reproduces it.
+
+        An elementwise scheme gives one row over the codes code_min..code_max. A
+        row-max-elementwise scheme gives a row per row maximum m: entry [m - code_min,
+        x - code_min] is the output for x on a row whose maximum is m, computed on the row
+        min(code, m) over every code (entries with x > m are never read). Tables stop at
+        16 input bits for the first kind (64 Ki entries) and 8 bits for the second.
+        """
+        spec = c.site_input
+        codes = torch.arange(spec.code_min, spec.code_max + 1, dtype=torch.int64)
+        if self.elementwise and spec.bits <= TABLE_MAX_INPUT_BITS:
+            return self.reference(codes[None], c)
+        if self.row_max_elementwise and spec.bits <= 8:
+            return self.reference(torch.minimum(codes[None, :], codes[:, None]), c)
+        return None
+
+    def fast_reference(self, q: torch.Tensor, c: SchemeConstants) -> torch.Tensor:
+        """Return exactly `reference(q, c)`, through a lookup table where the scheme allows one.
+
+        Elementwise and row-max-elementwise schemes gather from `code_table`; a softmax
+        scheme with an exponential table overrides this. Training and evaluation use this
+        path; tests hold it equal to `reference` on random and extreme inputs.
+        """
+        table = self.code_table(c)
+        if table is None:
+            return self.reference(q, c)
+        code_min = c.site_input.code_min
+        row = 0 if self.elementwise else q.amax(dim=-1, keepdim=True) - code_min
+        return table[row, q - code_min]
+
     def qat_forward(self, x: torch.Tensor, c: SchemeConstants,
                     float_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Return the integer result as floats, with the float op's gradient.
 
-        `x` holds real values on the site's input grid (already fake-quantized), so
-        round(x / scale) recovers the codes exactly.
+        `x` holds real values on the site's input grid (already fake-quantized: the float32
+        product code * scale), so round(x / scale) recovers the codes exactly. In float32
+        that quotient is within 2 ulp of the code, below 1/2 for |code| < 2^21; wider
+        inputs go through float64.
         """
         spec = c.site_input
         with torch.no_grad():
-            q = torch.round(x.detach().double() / spec.scale).to(torch.int64).clamp(spec.code_min, spec.code_max)
-            y_int = (self.reference(q, c).double() * c.output_scale).to(x.dtype)
+            real = x.detach() if spec.bits <= 21 and x.dtype == torch.float32 else x.detach().double()
+            q = torch.round(real / spec.scale).to(torch.int64).clamp_(spec.code_min, spec.code_max)
+            y_int = (self.fast_reference(q, c).double() * c.output_scale).to(x.dtype)
         y_float = (float_fn or self.float_op)(x)
         return y_float + (y_int - y_float).detach()
 
@@ -124,3 +164,26 @@ class Scheme(ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.op}:{self.name}>"
+
+
+class RowExpSoftmax(Scheme):
+    """A softmax scheme whose exponential depends on d = x - rowmax alone, then `normalize`.
+
+    Its exponentials for every d form one table (`exp_table`), which the CPU ONNX lowering
+    and `fast_reference` both read instead of recomputing the exponential per element.
+    """
+
+    @abstractmethod
+    def exp_table(self, c: SchemeConstants) -> np.ndarray:
+        """Compute the exponential of d = 0, -1, ..., -(2^bits - 1) as the reference does."""
+
+    @abstractmethod
+    def normalize(self, e: torch.Tensor, c: SchemeConstants,
+                  intermediates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Compute output codes from a row's exponentials (the reference's steps after the exponential)."""
+
+    def fast_reference(self, q: torch.Tensor, c: SchemeConstants) -> torch.Tensor:
+        if c.site_input.bits > TABLE_MAX_INPUT_BITS:
+            return self.reference(q, c)
+        table = torch.from_numpy(self.exp_table(c).astype(np.int64))
+        return self.normalize(table[q.amax(dim=-1, keepdim=True) - q], c)

@@ -23,9 +23,13 @@ from onnx_ops import fqvit as fqvit_onnx
 
 from ..intops import INT32_MAX, dyadic, floor_div, floor_log2, round_div_half_even
 from .base import Scheme, SchemeConstants, SiteInput
-from .ibert import (REDUCE_SUM_EXACT_LIMIT, IBertLayerNorm, IBertSoftmax, _powers_input, _record, _scalar,
+from .ibert import (IBertLayerNorm, IBertSoftmax, _powers_input, _record, _scalar,
                     layernorm_float, layernorm_statistics)
 from .registry import register
+
+# A row's exponential sum must stay below this: the integer log2 (FloorLog2) covers
+# 1 <= v < 2^62, and the ONNX sum splits each exponential so ReduceSum stays exact.
+EXP_SUM_LIMIT = 2**62
 
 PAPER = ("FQ-ViT: Post-Training Quantization for Fully Quantized Vision Transformer "
          "(Lin et al., IJCAI 2022), arXiv:2111.13824")
@@ -50,8 +54,10 @@ class FQViTLogIntSoftmax(Scheme):
     needs 64 bits or more, so N = 30: entries with 30 < qlog are floored to 0 (the codes then
     fit in 31 bits). Each floored entry has a log2 probability of at most 2^-31, so over a row
     of L entries the attention output changes by at most L * 2^-31 * max|V|
-    (2.7e-7 max|V| for L = 577). With sum < 2^53, k <= 53, so qlog = k for both b = 6 and
-    b = 8, and those two settings give the same codes.
+    (2.7e-7 max|V| for L = 577). With sum < 2^62, k <= 62, so qlog = k for both b = 6 and
+    b = 8, and those two settings give the same codes. The ONNX lowering sums the high and
+    low 26 bits of the exponentials apart, because ReduceSum on int64 is exact only below
+    2^53.
 
     `output_bits`, which SoftmaxSite always passes, is accepted and ignored: the code width
     is set by `log_bits` (N + 1 bits). The site does not pass `log_bits` yet, so sites use
@@ -96,11 +102,11 @@ class FQViTLogIntSoftmax(Scheme):
             raise ValueError(f"input scale {s} is too coarse for the I-BERT exp polynomial (c_int = {c_int}); "
                              f"use a scale below 1.6")
         exp_sum_bound = site_input.length * (c_int << self.N)
-        if exp_sum_bound >= REDUCE_SUM_EXACT_LIMIT:
+        if exp_sum_bound >= EXP_SUM_LIMIT:
             raise ValueError(
                 f"softmax 'fqvit': a row of {site_input.length} exponentials of up to c_int * 2^30 = "
-                f"{c_int << self.N} can sum past 2^53, which ReduceSum on int64 does not add exactly; "
-                f"use a coarser input scale (above about {math.sqrt(IBertSoftmax.COEF[2] * site_input.length * 2.0**-23):.3g})"
+                f"{c_int << self.N} can sum past 2^62, beyond the integer log2 of the lowering; "
+                f"use a coarser input scale (above about {math.sqrt(IBertSoftmax.COEF[2] * site_input.length * 2.0**-32):.3g})"
             )
         linear_shift = self.LINEAR_SHIFT[log_bits]
         values = {

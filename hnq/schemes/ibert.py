@@ -23,7 +23,7 @@ import torch
 from onnx_ops import ibert as ibert_onnx
 
 from ..intops import POWERS_OF_TWO, bit_length, dyadic, floor_div, isqrt_newton_steps, round_shift
-from .base import Scheme, SchemeConstants, SiteInput
+from .base import RowExpSoftmax, Scheme, SchemeConstants, SiteInput
 from .registry import register
 
 PAPER = "I-BERT: Integer-only BERT Quantization (Kim et al., ICML 2021), arXiv:2101.01321"
@@ -46,7 +46,7 @@ def _record(intermediates: dict[str, torch.Tensor] | None, **values: torch.Tenso
 
 
 @register
-class IBertSoftmax(Scheme):
+class IBertSoftmax(RowExpSoftmax):
     """I-BERT softmax: exp(p) ~ 0.3585 (p + 1.353)^2 + 0.344 after x = -z ln 2 + p.
 
     Steps on d = x - rowmax: clamp d >= 30 x0 with x0 = floor(-0.6931/S), split
@@ -127,12 +127,17 @@ class IBertSoftmax(Scheme):
         z_scaled = z * c["exp16_multiplier"]
         exp16 = round_shift(z_scaled, c["exp16_shift"] + quotient.clamp(max=c["q_cap"]))
         exp16 = exp16.clamp(0, self.EXP16_MAX)
+        _record(intermediates, row_diff=d, z=z, z_scaled=z_scaled, exp16=exp16)
+        return self.normalize(exp16, c, intermediates)
+
+    def normalize(self, exp16: torch.Tensor, c: SchemeConstants,
+                  intermediates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Output codes from the row's 16-bit exponentials: floor(exp16 floor(2^32/sum) / 2^(32-k))."""
         total = exp16.sum(dim=-1, keepdim=True)
         factor = floor_div(torch.full_like(total, 2**self.MAX_BIT), total)
         product = exp16 * factor
         out = (product >> (self.MAX_BIT - c["output_bits"])).clamp(max=c.output_max)
-        _record(intermediates, row_diff=d, z=z, z_scaled=z_scaled, exp16=exp16, exp16_sum=total,
-                factor=factor, product=product, output=out)
+        _record(intermediates, exp16_sum=total, factor=factor, product=product, output=out)
         return out
 
     def exp_table(self, c: SchemeConstants) -> np.ndarray:

@@ -22,7 +22,7 @@ import torch
 from onnx_ops import ivit as ivit_onnx
 
 from ..intops import floor_div, isqrt_newton_steps
-from .base import Scheme, SchemeConstants, SiteInput
+from .base import RowExpSoftmax, Scheme, SchemeConstants, SiteInput
 from .ibert import (REDUCE_SUM_EXACT_LIMIT, _powers_input, _record, _scalar, layernorm_bounds,
                     layernorm_constants, layernorm_float, layernorm_statistics)
 from .registry import register
@@ -67,7 +67,7 @@ def _check_exp_sum(family: str, op_name: str, exp_bound: int, count: int) -> Non
 
 
 @register
-class IViTShiftmax(Scheme):
+class IViTShiftmax(RowExpSoftmax):
     """I-ViT Shiftmax: e = shift_exp(x - rowmax) with n = 15, x0 = floor(-1/S),
     sum = min(sum(e), 2^31 - 1), out = floor(e floor((2^31-1)/sum) / 2^(32-k)), scale 2^-(k-1).
 
@@ -100,12 +100,18 @@ class IViTShiftmax(Scheme):
                   intermediates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         d = q - q.amax(dim=-1, keepdim=True)
         e = shift_exp(d, c["x0_int"], self.N, self.N)
+        _record(intermediates, row_diff=d, exp=e)
+        return self.normalize(e, c, intermediates)
+
+    def normalize(self, e: torch.Tensor, c: SchemeConstants,
+                  intermediates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Output codes from the row's exponentials: floor(e floor((2^31-1)/sum) / 2^(32-k))."""
         raw_sum = e.sum(dim=-1, keepdim=True)
         total = raw_sum.clamp(max=INT32_MAX)
         factor = floor_div(torch.full_like(total, INT32_MAX), total)
         product = e * factor
         out = (product >> (32 - c["output_bits"])).clamp(max=c.output_max)
-        _record(intermediates, row_diff=d, exp=e, exp_sum=raw_sum, factor=factor, product=product, output=out)
+        _record(intermediates, exp_sum=raw_sum, factor=factor, product=product, output=out)
         return out
 
     def exp_table(self, c: SchemeConstants) -> np.ndarray:
@@ -154,6 +160,7 @@ class IViTShiftGELU(Scheme):
     op = "gelu"
     family = "ivit"
     name = "ivit"
+    row_max_elementwise = True
     paper = PAPER
     onnx_function = ivit_onnx.IViTShiftGELU
 
