@@ -664,3 +664,25 @@ def iter_image_batches(
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+
+
+# Colour photographs that scikit-image ships (no download), used by the full-size model
+# tests and benchmarks as real 224x224 inputs.
+SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+
+
+def load_sample_photos(size: int = 224, names: Sequence[str] = SAMPLE_PHOTOS):
+    """Load scikit-image's bundled photographs as uint8 pixels [len(names), 3, size, size].
+
+    Each photo is converted to RGB and resized to size x size with bicubic interpolation.
+    scikit-image is a development dependency (the `dev` extra).
+    """
+    import skimage.data
+    import torch
+
+    images = []
+    for name in names:
+        picture = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        resized = picture.resize((size, size), Image.Resampling.BICUBIC)
+        images.append(torch.from_numpy(np.array(resized)).permute(2, 0, 1))
+    return torch.stack(images).contiguous()

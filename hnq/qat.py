@@ -87,7 +87,7 @@ def init_distributed() -> bool:
 
 def run_training(job: TrainJob) -> dict[str, Any]:
     """Run the job; returns the final log (also written to train_log.json)."""
-    from models import builtin_arch, build_float_model
+    from models import BUILTIN_MODELS, build_float_model, builtin_arch
 
     started = time.monotonic()
     out = job.output
@@ -112,7 +112,7 @@ def run_training(job: TrainJob) -> dict[str, Any]:
     torch.manual_seed(job.seed)
 
     if job.float_training:
-        arch = builtin_arch() if job.model_name == "hnq_vit_fmnist" else \
+        arch = builtin_arch(job.model_name) if job.model_name in BUILTIN_MODELS else \
             {**builtin_arch(), "timm_name": job.model_name}
         model = build_float_model(arch)
         plan = None

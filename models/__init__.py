@@ -1,13 +1,13 @@
 """Model adapters (one file per family) and the built-in small models."""
 
-from .builtin import PixelClassifier, build_float_model, builtin_arch, hnq_vit_fmnist
+from .builtin import BUILTIN_MODELS, PixelClassifier, build_float_model, builtin_arch, hnq_swin_fmnist, hnq_vit_fmnist
 from .swin import UNSUPPORTED_SWIN_OPTIONS, QuantSwin, WindowSizeError
 from .vit import UNSUPPORTED_VIT_OPTIONS, QuantConfig, QuantViT, disable_fused_attention
 
 __all__ = [
-    "PixelClassifier", "QuantConfig", "QuantSwin", "QuantViT", "SUPPORTED_CLASSES", "UNSUPPORTED_SWIN_OPTIONS",
+    "BUILTIN_MODELS", "PixelClassifier", "QuantConfig", "QuantSwin", "QuantViT", "SUPPORTED_CLASSES", "UNSUPPORTED_SWIN_OPTIONS",
     "UNSUPPORTED_VIT_OPTIONS", "WindowSizeError", "build_float_model", "builtin_arch", "disable_fused_attention",
-    "hnq_vit_fmnist", "quantize_model",
+    "hnq_swin_fmnist", "hnq_vit_fmnist", "quantize_model",
 ]
 
 # timm classes with an integer adapter, matched exactly (a subclass may change the forward).

@@ -28,7 +28,6 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAt
 from hnq.intops import round_shift
 from hnq.nn import (
     TABLE_SOFTMAX_SCHEMES,
-    GeluSite,
     LayerNormSite,
     QuantAdd,
     QuantLinear,
@@ -41,7 +40,8 @@ from hnq.nn import (
 from hnq.onnx_builder import GraphBuilder
 from hnq.quant import ActQuantizer, QTensor, fake_quantize, safe_dyadic
 
-from .vit import QuantConfig, QuantPatchEmbed, disable_fused_attention
+from .classifier import QuantClassifier
+from .vit import MlpHalf, QuantConfig, QuantPatchEmbed, disable_fused_attention
 
 # Options of timm's SwinTransformer that QuantSwin does not mirror, with the reason.
 UNSUPPORTED_SWIN_OPTIONS: dict[str, str] = {
@@ -174,7 +174,7 @@ class WindowSoftmaxSite(SoftmaxSite):
 
     def integer_forward_masked(self, x: QTensor, mask: torch.Tensor) -> QTensor:
         c = self.constants(x, output_bits=self.output_bits)
-        codes = self.scheme.reference(apply_window_mask(x.value, mask, x.code_min), c)
+        codes = self.scheme.fast_reference(apply_window_mask(x.value, mask, x.code_min), c)
         y = QTensor(apply_window_mask(codes, mask, 0), c.output_scale, self.probability_bits(c), signed=False)
         return self._record(x, y)
 
@@ -208,7 +208,7 @@ class WindowSoftmaxSite(SoftmaxSite):
 
 def mask_bias(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """timm's additive mask (0 or -100) broadcast to the scores [N * nW, heads, A, A]."""
-    n_windows, area = mask.shape[0], mask.shape[-1]
+    n_windows = mask.shape[0]
     additive = mask.to(x.dtype) * TIMM_MASK_VALUE
     return additive[None, :, None].expand(x.shape[0] // n_windows, -1, x.shape[1], -1, -1).reshape(x.shape)
 
@@ -288,7 +288,7 @@ class QuantWindowAttention(nn.Module):
         return self.proj.to_onnx(b, context)
 
 
-class QuantSwinBlock(nn.Module):
+class QuantSwinBlock(MlpHalf, nn.Module):
     """Shifted-window block: x + attn(norm1(x)) over windows, then x + mlp(norm2(x))."""
 
     def __init__(self, block, cfg: QuantConfig):
@@ -302,12 +302,7 @@ class QuantSwinBlock(nn.Module):
         self.norm1 = LayerNormSite(block.norm1, cfg.act_bits)
         self.attn = QuantWindowAttention(block.attn, mask, cfg)
         self.add1 = QuantAdd(cfg.residual_bits)
-        self.norm2 = LayerNormSite(block.norm2, cfg.act_bits)
-        self.fc1 = QuantLinear(block.mlp.fc1, cfg.weight_bits, cfg.act_bits)
-        self.gelu = GeluSite(cfg.act_bits, length=block.mlp.fc1.out_features)
-        self.gelu.attach_input_quantizer(self.fc1.out_quant)
-        self.fc2 = QuantLinear(block.mlp.fc2, cfg.weight_bits, cfg.residual_bits)
-        self.add2 = QuantAdd(cfg.residual_bits)
+        self.init_mlp_half(block, cfg)
 
     def forward(self, x: QTensor) -> QTensor:
         n_batch, n_tokens, channels = x.value.shape
@@ -315,10 +310,7 @@ class QuantSwinBlock(nn.Module):
         windows = h.value[:, self.partition_index].reshape(-1, self.window_area, channels)
         a = self.attn(QTensor(windows, h.scale, h.bits, h.signed))
         merged = a.value.reshape(n_batch, n_tokens, channels)[:, self.reverse_index]
-        x = self.add1(x, QTensor(merged, a.scale, a.bits, a.signed))
-        self.fc1.out_quant.bits = self.gelu.input_bits()
-        h = self.fc2(self.gelu(self.fc1(self.norm2(x))))
-        return self.add2(x, h)
+        return self.mlp_half(self.add1(x, QTensor(merged, a.scale, a.bits, a.signed)))
 
     def to_onnx(self, b: GraphBuilder, x: QTensor, channels: int) -> QTensor:
         n_tokens = self.grid[0] * self.grid[1]
@@ -334,13 +326,7 @@ class QuantSwinBlock(nn.Module):
                             axis=1, name="merge_and_unshift")
         with b.scope("add1"):
             x = self.add1.to_onnx(b, x, QTensor(merged, a.scale, a.bits, a.signed))
-        with b.scope("norm2"):
-            h = self.norm2.to_onnx(b, x)
-        self.fc1.out_quant.bits = self.gelu.input_bits()
-        with b.scope("mlp"):
-            h = self.fc2.to_onnx(b, self.gelu.to_onnx(b, self.fc1.to_onnx(b, h)))
-        with b.scope("add2"):
-            return self.add2.to_onnx(b, x, h)
+        return self.mlp_half_onnx(b, x)
 
 
 class QuantPatchMerging(nn.Module):
@@ -417,7 +403,7 @@ class QuantSwinStage(nn.Module):
         self.channels = stage.blocks[0].dim if len(stage.blocks) else stage.dim
 
 
-class QuantSwin(nn.Module):
+class QuantSwin(QuantClassifier):
     """Integer-only SwinTransformer: QAT in training mode, the integer reference in eval mode."""
 
     def __init__(self, swin: SwinTransformer, mean, std, cfg: QuantConfig):
@@ -439,8 +425,7 @@ class QuantSwin(nn.Module):
         final_grid = swin.layers[-1].output_resolution
         self.pool = QuantTokenMean(final_grid[0] * final_grid[1])
         self.head = QuantLinear(swin.head.fc, cfg.weight_bits, cfg.logits_bits)
-        for name, site in self.sites().items():
-            site.site_name = name
+        self.name_sites()
 
     def sites(self) -> "OrderedDict[str, nn.Module]":
         """List every non-linear site in model order, named as in the timm model."""
@@ -459,14 +444,6 @@ class QuantSwin(nn.Module):
         sites["norm"] = self.norm
         return sites
 
-    def pixels(self, images: torch.Tensor) -> QTensor:
-        """Wrap uint8 pixel tensors [N, C, H, W] as codes of scale 1."""
-        if tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(f"expected images of shape [N, {', '.join(map(str, self.image_shape))}], "
-                             f"got {list(images.shape)}")
-        value = images.float() if self.training else images.to(torch.int64)
-        return QTensor(value, 1.0, 8, signed=False)
-
     def forward_codes(self, images: torch.Tensor) -> QTensor:
         x = self.patch_embed(self.pixels(images))
         if self.patch_norm is not None:
@@ -478,27 +455,10 @@ class QuantSwin(nn.Module):
                 x = block(x)
         return self.head(self.pool(self.norm(x)))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits as floats: QAT values in training mode, dequantized integer codes in eval mode."""
-        logits = self.forward_codes(images)
-        if self.training:
-            return logits.value
-        return logits.value.double() * logits.scale
-
-    def logits_codes(self, images: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Integer reference: int64 logits codes and their scale (eval mode only)."""
-        if self.training:
-            raise RuntimeError("logits_codes runs the integer reference: call model.eval() first")
-        with torch.no_grad():
-            logits = self.forward_codes(images)
-        return logits.value, logits.scale
-
     def to_onnx(self, b: GraphBuilder) -> tuple[str, float]:
         """Emit the integer graph; returns the logits tensor name and its scale."""
-        c, h, w = self.image_shape
-        pixels = b.add_input("pixels", TensorProto.UINT8, ["N", c, h, w])
         with b.scope("patch_embed"):
-            x = self.patch_embed.to_onnx(b, QTensor(pixels, 1.0, 8, signed=False), self.image_shape)
+            x = self.patch_embed.to_onnx(b, self.onnx_pixels(b), self.image_shape)
             if self.patch_norm is not None:
                 with b.scope("norm"):
                     x = self.patch_norm.to_onnx(b, x)
@@ -514,6 +474,4 @@ class QuantSwin(nn.Module):
         with b.scope("head"):
             pooled = self.pool.to_onnx(b, x)
             logits = self.head.to_onnx(b, pooled)
-        out = b.node("Cast", [b.codes(logits.value)], to=TensorProto.INT32, name="logits_codes")
-        b.add_output(out, TensorProto.INT32, ["N", self.num_classes])
-        return out, logits.scale
+        return self.onnx_logits(b, logits)

@@ -40,6 +40,8 @@ from hnq.nn import (
 from hnq.onnx_builder import GraphBuilder
 from hnq.quant import ActQuantizer, QTensor, fake_quantize, fake_quantize_weight, safe_dyadic, weight_scales
 
+from .classifier import QuantClassifier
+
 # Options of timm's VisionTransformer that QuantViT does not mirror, with the reason.
 UNSUPPORTED_VIT_OPTIONS: dict[str, str] = {
     "global_pool": "only the class-token head ('token') is lowered; average pooling needs an integer mean",
@@ -325,12 +327,13 @@ class QuantAttention(nn.Module):
         return self.proj.to_onnx(b, context)
 
 
-class QuantBlock(nn.Module):
-    def __init__(self, block, tokens: int, cfg: QuantConfig):
-        super().__init__()
-        self.norm1 = LayerNormSite(block.norm1, cfg.act_bits)
-        self.attn = QuantAttention(block.attn, tokens, cfg)
-        self.add1 = QuantAdd(cfg.residual_bits)
+class MlpHalf:
+    """The second half of a ViT or Swin block: norm2, fc1, GELU, fc2 and the residual add.
+
+    A mixin for the block modules, so the parameter names stay those of the block.
+    """
+
+    def init_mlp_half(self, block, cfg: QuantConfig) -> None:
         self.norm2 = LayerNormSite(block.norm2, cfg.act_bits)
         self.fc1 = QuantLinear(block.mlp.fc1, cfg.weight_bits, cfg.act_bits)
         self.gelu = GeluSite(cfg.act_bits, length=block.mlp.fc1.out_features)
@@ -338,19 +341,12 @@ class QuantBlock(nn.Module):
         self.fc2 = QuantLinear(block.mlp.fc2, cfg.weight_bits, cfg.residual_bits)
         self.add2 = QuantAdd(cfg.residual_bits)
 
-    def forward(self, x: QTensor) -> QTensor:
-        x = self.add1(x, self.attn(self.norm1(x)))
+    def mlp_half(self, x: QTensor) -> QTensor:
+        # The GELU scheme may want wider inputs than the activations (I-BERT: 16 bits).
         self.fc1.out_quant.bits = self.gelu.input_bits()
-        h = self.fc2(self.gelu(self.fc1(self.norm2(x))))
-        return self.add2(x, h)
+        return self.add2(x, self.fc2(self.gelu(self.fc1(self.norm2(x)))))
 
-    def to_onnx(self, b: GraphBuilder, x: QTensor, n_tokens: int) -> QTensor:
-        with b.scope("norm1"):
-            h = self.norm1.to_onnx(b, x)
-        with b.scope("attn"):
-            h = self.attn.to_onnx(b, h, n_tokens)
-        with b.scope("add1"):
-            x = self.add1.to_onnx(b, x, h)
+    def mlp_half_onnx(self, b: GraphBuilder, x: QTensor) -> QTensor:
         with b.scope("norm2"):
             h = self.norm2.to_onnx(b, x)
         self.fc1.out_quant.bits = self.gelu.input_bits()
@@ -360,7 +356,28 @@ class QuantBlock(nn.Module):
             return self.add2.to_onnx(b, x, h)
 
 
-class QuantViT(nn.Module):
+class QuantBlock(MlpHalf, nn.Module):
+    def __init__(self, block, tokens: int, cfg: QuantConfig):
+        super().__init__()
+        self.norm1 = LayerNormSite(block.norm1, cfg.act_bits)
+        self.attn = QuantAttention(block.attn, tokens, cfg)
+        self.add1 = QuantAdd(cfg.residual_bits)
+        self.init_mlp_half(block, cfg)
+
+    def forward(self, x: QTensor) -> QTensor:
+        return self.mlp_half(self.add1(x, self.attn(self.norm1(x))))
+
+    def to_onnx(self, b: GraphBuilder, x: QTensor, n_tokens: int) -> QTensor:
+        with b.scope("norm1"):
+            h = self.norm1.to_onnx(b, x)
+        with b.scope("attn"):
+            h = self.attn.to_onnx(b, h, n_tokens)
+        with b.scope("add1"):
+            x = self.add1.to_onnx(b, x, h)
+        return self.mlp_half_onnx(b, x)
+
+
+class QuantViT(QuantClassifier):
     """Integer-only VisionTransformer: QAT in training mode, the integer reference in eval mode.
 
     A VisionTransformerDistilled gets a second prefix token and a second head (`head_dist`).
@@ -387,8 +404,7 @@ class QuantViT(nn.Module):
         if self.distilled:
             self.head_dist = QuantLinear(vit.head_dist, cfg.weight_bits, cfg.logits_bits)
             self.head_average = QuantLinearAverage(cfg.logits_bits)
-        for name, site in self.sites().items():
-            site.site_name = name
+        self.name_sites()
 
     def sites(self) -> "OrderedDict[str, nn.Module]":
         """List every non-linear site in model order, named as in the timm model."""
@@ -401,14 +417,6 @@ class QuantViT(nn.Module):
         sites["norm"] = self.norm
         return sites
 
-    def pixels(self, images: torch.Tensor) -> QTensor:
-        """Wrap uint8 pixel tensors [N, C, H, W] as codes of scale 1."""
-        if tuple(images.shape[1:]) != self.image_shape:
-            raise ValueError(f"expected images of shape [N, {', '.join(map(str, self.image_shape))}], "
-                             f"got {list(images.shape)}")
-        value = images.float() if self.training else images.to(torch.int64)
-        return QTensor(value, 1.0, 8, signed=False)
-
     def forward_codes(self, images: torch.Tensor) -> QTensor:
         x = self.embed(self.patch_embed(self.pixels(images)))
         for block in self.blocks:
@@ -420,27 +428,10 @@ class QuantViT(nn.Module):
         dist = QTensor(x.value[:, 1], x.scale, x.bits, x.signed)
         return self.head_average(self.head, self.head_dist, cls, dist)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits as floats: QAT values in training mode, dequantized integer codes in eval mode."""
-        logits = self.forward_codes(images)
-        if self.training:
-            return logits.value
-        return logits.value.double() * logits.scale
-
-    def logits_codes(self, images: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Integer reference: int64 logits codes and their scale (eval mode only)."""
-        if self.training:
-            raise RuntimeError("logits_codes runs the integer reference: call model.eval() first")
-        with torch.no_grad():
-            logits = self.forward_codes(images)
-        return logits.value, logits.scale
-
     def to_onnx(self, b: GraphBuilder) -> tuple[str, float]:
         """Emit the integer graph; returns the logits tensor name and its scale."""
-        c, h, w = self.image_shape
-        pixels = b.add_input("pixels", TensorProto.UINT8, ["N", c, h, w])
         with b.scope("patch_embed"):
-            x = self.patch_embed.to_onnx(b, QTensor(pixels, 1.0, 8, signed=False), self.image_shape)
+            x = self.patch_embed.to_onnx(b, self.onnx_pixels(b), self.image_shape)
         with b.scope("embed"):
             x = self.embed.to_onnx(b, x)
         for i, block in enumerate(self.blocks):
@@ -457,6 +448,4 @@ class QuantViT(nn.Module):
             with b.scope("head"):
                 cls = b.node("Gather", [x.value, b.const(0)], axis=1, name="cls")
                 logits = self.head.to_onnx(b, QTensor(cls, x.scale, x.bits, x.signed))
-        out = b.node("Cast", [b.codes(logits.value)], to=TensorProto.INT32, name="logits_codes")
-        b.add_output(out, TensorProto.INT32, ["N", self.num_classes])
-        return out, logits.scale
+        return self.onnx_logits(b, logits)

@@ -87,3 +87,44 @@ def test_float_mode_matches_timm_model():
         mirrored = qmodel(pixels)
     assert torch.allclose(mirrored, float_model(pixels), atol=1e-4)
     assert not qmodel.training
+
+
+def test_builtin_swin_registered_with_a_shifted_block():
+    from models.swin import QuantSwin
+
+    model = timm.create_model("hnq_swin_fmnist", pretrained=False)
+    assert type(model).__name__ == "SwinTransformer"
+    assert model.num_classes == 10
+    assert builtin_arch("hnq_swin_fmnist")["family"] == "swin"
+    qmodel = quantize_model(build_float_model(builtin_arch("hnq_swin_fmnist")), QuantConfig())
+    assert isinstance(qmodel, QuantSwin)
+    shifts = [block.shift_size for stage in model.layers for block in stage.blocks]
+    assert any(max(shift) > 0 for shift in shifts), "the first stage's second block shifts its windows"
+    with pytest.raises(ValueError, match="not a built-in model"):
+        builtin_arch("hnq_swin")
+
+
+@pytest.mark.parametrize("family", ["ibert", "ivit", "fqvit"])
+def test_builtin_swin_ort_equals_reference(fashion_mnist, family):
+    """The built-in Swin exports and runs in ORT with the reference's codes, for every family."""
+    import onnxruntime as ort
+
+    from hnq.api import bits_from_quant_config
+    from hnq.export import build_onnx_model
+    from hnq.plan import Plan, apply_plan
+    from hnq.train import calibrate_float
+
+    torch.manual_seed(0)
+    qmodel = quantize_model(build_float_model(builtin_arch("hnq_swin_fmnist")), QuantConfig())
+    pixels = torch.from_numpy(fashion_mnist.test_images[:32]).unsqueeze(1).contiguous()
+    calibrate_float(qmodel, [pixels], 1, progress=False)
+    sites = {name: {"op": site.op, "scheme": "ibert" if (site.op, family) == ("gelu", "fqvit") else family}
+             for name, site in qmodel.sites().items()}
+    plan = Plan(model="hnq_swin_fmnist", bits=bits_from_quant_config(QuantConfig()), sites=sites, rule=family)
+    apply_plan(plan, qmodel.sites())
+    qmodel.eval()
+    model, _ = build_onnx_model(qmodel, plan, {})
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    codes = session.run(None, {"pixels": pixels.numpy()})[0]
+    reference, _ = qmodel.logits_codes(pixels)
+    assert (codes.astype("int64") == reference.numpy()).all()

@@ -4,9 +4,9 @@ The models are built with pretrained=False and a fixed seed; calibration runs on
 photographs that scikit-image ships, resized with Pillow.
 
 timm's initialization (weights of std 0.02) gives near-uniform attention: every score is
-below about 0.4 in magnitude. At that input scale FQ-ViT's softmax rejects the sites,
-because a row of exponentials could sum past 2^53. The tests multiply the qkv weights by
-QKV_GAIN, which scales the scores by QKV_GAIN^2 into the few-units range of trained models.
+below about 0.4 in magnitude. The tests multiply the qkv weights by QKV_GAIN, which scales
+the scores by QKV_GAIN^2 into the few-units range of trained models, so the softmax
+schemes run at the input scales they meet in practice.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import skimage.data
 import timm
 import torch
 from onnx import TensorProto
-from PIL import Image
 from timm.layers import Attention
 from timm.models.swin_transformer import WindowAttention
 
+from hnq.data import SAMPLE_PHOTOS, load_sample_photos
 from hnq.export import build_onnx_model
 from hnq.quant import QTensor
 from hnq.schemes.registry import onnx_functions
@@ -41,7 +40,7 @@ pytestmark = pytest.mark.slow
 BITS = {"activation": 8, "weight": 8, "residual": 16, "softmax": 8, "logits": 16}
 QUANT_CONFIG = QuantConfig(act_bits=8, weight_bits=8, residual_bits=16, softmax_bits=8, logits_bits=16)
 # Colour photographs bundled with scikit-image (no download needed).
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+PHOTOS = SAMPLE_PHOTOS
 SMALLEST = "deit_tiny_patch16_224"
 SWIN = "swin_tiny_patch4_window7_224"
 CALIBRATION_IMAGES = 4
@@ -52,12 +51,7 @@ QKV_GAIN = 4.0
 @functools.lru_cache(maxsize=1)
 def photo_batch(size: int = 224) -> torch.Tensor:
     """uint8 pixels [len(PHOTOS), 3, size, size] of the scikit-image photographs."""
-    images = []
-    for name in PHOTOS:
-        picture = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-        resized = picture.resize((size, size), Image.Resampling.BICUBIC)
-        images.append(torch.from_numpy(np.array(resized)).permute(2, 0, 1))
-    return torch.stack(images).contiguous()
+    return load_sample_photos(size, PHOTOS)
 
 
 @functools.lru_cache(maxsize=None)

@@ -27,17 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hnq.data import load_sample_photos  # noqa: E402
+
 MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "vit_base_patch16_224", "swin_tiny_patch4_window7_224")
 
 
 def photos(size: int) -> torch.Tensor:
-    import skimage.data
-    from PIL import Image
-
-    images = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket()]
-    arrays = [np.asarray(Image.fromarray(image).convert("RGB").resize((size, size), Image.BICUBIC))
-              for image in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return load_sample_photos(size)
 
 
 def providers_by_node(profile_path: str) -> dict[str, str]:

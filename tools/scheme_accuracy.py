@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -33,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from hnq.schemes.base import Scheme, SiteInput  # noqa: E402
-from hnq.schemes.registry import UNSUPPORTED, all_schemes, get_scheme  # noqa: E402
+from hnq.schemes.registry import UNSUPPORTED, all_schemes  # noqa: E402
 
 COMMAND = "PYTHONPATH=. .venv/bin/python tools/scheme_accuracy.py"
 SEED = 2024
