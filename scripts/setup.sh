@@ -87,7 +87,10 @@ fi
 # 5. The project, editable, with one ONNX Runtime and the test tools. onnxruntime and
 # onnxruntime-gpu both install the `onnxruntime` import package, so removing one deletes
 # files of the other: when the other one is present, remove both and install afresh.
-stamp_value="$(sha256sum pyproject.toml | cut -d' ' -f1) $HNQ_RUNTIME"
+# The editable install records which folders are packages, so the stamp also covers the
+# list of __init__.py files: a folder that becomes a package needs a reinstall.
+package_list_hash=$(find hnq onnx_ops models -name __init__.py | sort | sha256sum | cut -d' ' -f1)
+stamp_value="$(sha256sum pyproject.toml | cut -d' ' -f1) $package_list_hash $HNQ_RUNTIME"
 if is_installed "$other_runtime_package"; then
     runtime_packages=("$other_runtime_package")
     if is_installed "$runtime_package"; then
