@@ -6,7 +6,9 @@ or Fashion-MNIST test images for the built-in model), this builds:
 - `onnxruntime.quantization.quantize_static` of that file (QDQ, per-channel int8 weights,
   uint8 activations, calibrated on the same images), with its default op list and with
   MatMul/Gemm/Conv only;
-- the HNQ integer-only export (alternate plan, calibrated with `calibrate_float`).
+- the HNQ integer-only export, calibrated with `calibrate_float` on the same images, under
+  the plan `hnq plan` would choose there (rule delta-sqnr; `--plan alternate` takes I-BERT
+  and I-ViT in turn instead).
 
 Every session runs on ORT's CPU provider with 2 intra-op threads and
 `session.force_spinning_stop=1`, so one session's spinning threads do not steal cores from
@@ -41,13 +43,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from hnq.api import bits_from_quant_config  # noqa: E402
+from hnq.data import SAMPLE_PHOTOS, load_sample_photos  # noqa: E402
 from hnq.export import build_onnx_model, export_float_onnx  # noqa: E402
 from hnq.plan import alternate_plan, apply_plan  # noqa: E402
+from hnq.sensitivity import measure_sensitivity  # noqa: E402
 from hnq.train import calibrate_float  # noqa: E402
 from models import QuantConfig, quantize_model  # noqa: E402
 
 DEFAULT_MODELS = ("hnq_vit_fmnist", "deit_tiny_patch16_224", "deit_small_patch16_224", "swin_tiny_patch4_window7_224")
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry", "hubble_deep_field", "retina")
+PHOTOS = (*SAMPLE_PHOTOS, "cat", "immunohistochemistry", "hubble_deep_field", "retina")
 CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
              "avx512_bf16", "amx_int8", "amx_bf16")
 THREADS = 2
@@ -55,15 +59,7 @@ THREADS = 2
 
 def photo_pixels(size: int = 224) -> torch.Tensor:
     """uint8 [len(PHOTOS), 3, size, size] from scikit-image's bundled photographs."""
-    import skimage.data
-    from PIL import Image
-
-    images = []
-    for name in PHOTOS:
-        picture = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-        resized = picture.resize((size, size), Image.Resampling.BICUBIC)
-        images.append(torch.from_numpy(np.array(resized)).permute(2, 0, 1))
-    return torch.stack(images).contiguous()
+    return load_sample_photos(size, PHOTOS)
 
 
 def builtin_float_model(checkpoint: str | None, epochs: float):
@@ -140,7 +136,8 @@ def batch_of(pixels: np.ndarray, batch: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([pixels] * repeats)[:batch])
 
 
-def build_variants(name: str, workdir: Path, builtin_checkpoint: str | None, builtin_epochs: float) -> dict:
+def build_variants(name: str, workdir: Path, builtin_checkpoint: str | None, builtin_epochs: float,
+                   plan_rule: str, softmax_bits: int) -> dict:
     """Write the four ONNX files of one model; return their paths, calibration pixels and HNQ logits scale."""
     if name == "hnq_vit_fmnist":
         float_model, pixels = builtin_float_model(builtin_checkpoint, builtin_epochs)
@@ -153,16 +150,24 @@ def build_variants(name: str, workdir: Path, builtin_checkpoint: str | None, bui
     quantize_qdq(paths["float"], paths["qdq_default"], calibration, None)
     quantize_qdq(paths["float"], paths["qdq_matmul"], calibration, ["MatMul", "Gemm", "Conv"])
 
-    cfg = QuantConfig()
+    cfg = QuantConfig(softmax_bits=softmax_bits)
     qmodel = quantize_model(float_model, cfg)
     calibrate_float(qmodel, [pixels], 1, progress=False)
-    plan = alternate_plan(name, qmodel.sites(), bits_from_quant_config(cfg))
+    search_start = time.perf_counter()
+    sensitivity = measure_sensitivity(qmodel, [pixels], 1, progress=False)
+    search_seconds = time.perf_counter() - search_start
+    if plan_rule == "alternate":
+        plan = alternate_plan(name, qmodel.sites(), bits_from_quant_config(cfg))
+    else:
+        plan = sensitivity.make_plan(name, bits_from_quant_config(cfg), plan_rule)
     apply_plan(plan, qmodel.sites())
     qmodel.eval()
     model, logits_scale = build_onnx_model(qmodel, plan, {})
     onnx.save(model, str(paths["hnq"]))
     reference, _ = qmodel.logits_codes(pixels[:2])
-    return {"paths": paths, "pixels": calibration, "logits_scale": logits_scale, "reference": reference.numpy()}
+    schemes = collections.Counter(f"{entry['op']} {entry['scheme']}" for entry in plan.sites.values())
+    return {"paths": paths, "pixels": calibration, "logits_scale": logits_scale, "reference": reference.numpy(),
+            "plan": dict(sorted(schemes.items())), "search_seconds_per_image": search_seconds / len(pixels)}
 
 
 def time_sessions(sessions: dict, feeds: dict, warmup: int, runs: int) -> dict[str, float]:
@@ -205,6 +210,41 @@ def node_group(node: str) -> str:
     return f"{module} [{function.group(1)}]" if function else module
 
 
+EXPORT_SCRIPT = """
+import resource, sys, time
+sys.path.insert(0, {root!r})
+from tools.bench_inference import timm_float_model, photo_pixels
+from hnq.api import bits_from_quant_config
+from hnq.export import export_onnx
+from hnq.plan import alternate_plan, apply_plan
+from hnq.train import calibrate_float
+from models import QuantConfig, quantize_model
+model = quantize_model(timm_float_model({name!r}).eval(), QuantConfig())
+calibrate_float(model, [photo_pixels()[:4]], 1, progress=False)
+plan = alternate_plan({name!r}, model.sites(), bits_from_quant_config(QuantConfig()))
+apply_plan(plan, model.sites())
+model.eval()
+start = time.perf_counter()
+result = export_onnx(model, plan, {path!r}, {{}})
+print(time.perf_counter() - start, result.bytes, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def measure_export(name: str, workdir: Path) -> dict:
+    """Export time and the peak resident memory of a fresh process that builds, calibrates and exports `name`.
+
+    The peak covers the whole process (torch, the float model and the ONNX graph), so it
+    is an upper bound on what the export itself needs.
+    """
+    import subprocess
+
+    path = workdir / f"{name}.export.onnx"
+    script = EXPORT_SCRIPT.format(root=str(ROOT), name=name, path=str(path))
+    output = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    seconds, size, peak = output.split()[-3:]
+    return {"model": name, "seconds": float(seconds), "bytes": int(size), "peak_bytes": int(peak)}
+
+
 def cpu_description() -> tuple[str, list[str]]:
     model, flags = platform.processor() or "unknown", set()
     try:
@@ -218,7 +258,13 @@ def cpu_description() -> tuple[str, list[str]]:
     return model, [flag for flag in CPU_FLAGS if flag in flags]
 
 
-def write_page(path: Path, command: str, results: list[dict], profiles: dict, load: tuple) -> None:
+# Text below this line in the output page is written by hand (for example the training
+# benchmark) and kept when the script rewrites the page.
+KEPT_MARKER = "<!-- Sections below this line are not written by tools/bench_inference.py and are kept. -->"
+
+
+def write_page(path: Path, command: str, results: list[dict], profiles: dict, load: tuple,
+               export: dict | None) -> None:
     cpu, flags = cpu_description()
     lines = [
         "# Inference benchmarks",
@@ -255,6 +301,14 @@ def write_page(path: Path, command: str, results: list[dict], profiles: dict, lo
         lines.append(f"| {r['model']} | {q['qdq_default']:.1f} | {q['qdq_matmul']:.1f} | {q['hnq']:.1f} | "
                      f"{r['bit_exact']} | {s['float'] / 1e6:.1f} | {s['qdq_default'] / 1e6:.1f} | "
                      f"{s['qdq_matmul'] / 1e6:.1f} | {s['hnq'] / 1e6:.1f} | {s['hnq'] / s['float']:.2f} |")
+    lines += ["", "HNQ plans (schemes per op, number of sites) and the sensitivity search's time per "
+              "calibration image (one float pass plus one per candidate scheme name):", ""]
+    lines += [f"- {r['model']}: " + ", ".join(f"{k} x{v}" for k, v in r["plan"].items())
+              + f"; search {r['search_seconds_per_image']:.2f} s per image" for r in results]
+    if export:
+        lines += ["", f"Export of {export['model']} (built, calibrated on 4 photos and exported in a fresh process): "
+                  f"{export['seconds']:.1f} s for the export, {export['bytes'] / 1e6:.1f} MB written, peak resident "
+                  f"memory of the whole process {export['peak_bytes'] / 2**30:.2f} GiB."]
     for (model, batch), (by_op, by_part) in profiles.items():
         total = sum(by_op.values())
         lines += ["", f"## Where the time goes: HNQ {model}, batch {batch}", "",
@@ -263,8 +317,12 @@ def write_page(path: Path, command: str, results: list[dict], profiles: dict, lo
         lines += [f"| {op} | {ms:.2f} | {100 * ms / total:.1f}% |" for op, ms in list(by_op.items())[:15]]
         lines += ["", "| module (blocks folded) [hnq function] | ms per run | share |", "|---|---|---|"]
         lines += [f"| {part} | {ms:.2f} | {100 * ms / total:.1f}% |" for part, ms in list(by_part.items())[:20]]
+    kept = ""
+    if path.is_file() and KEPT_MARKER in path.read_text():
+        kept = path.read_text().split(KEPT_MARKER, 1)[1]
+    lines += ["", KEPT_MARKER]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + kept.lstrip("\n"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-runs", type=int, default=3, help="profiled runs of the HNQ graph per model")
     parser.add_argument("--builtin-checkpoint", help="float.pt of the built-in model; without it, it is trained here")
     parser.add_argument("--builtin-epochs", type=float, default=2.0, help="float epochs when training the built-in model")
+    parser.add_argument("--plan", dest="plan_rule", choices=["delta-sqnr", "float-input", "alternate"],
+                        default="delta-sqnr", help="how the HNQ export's plan is chosen")
+    parser.add_argument("--softmax-bits", type=int, choices=[8, 16], default=8,
+                        help="HNQ softmax output bits (16 feeds P @ V as two byte matmuls)")
+    parser.add_argument("--export-model", default="vit_base_patch16_224",
+                        help="timm model whose export time and peak memory are measured ('' skips it)")
     parser.add_argument("--workdir", help="folder for the ONNX files (default: a temporary folder)")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"), help="Markdown page to write")
     args = parser.parse_args(argv)
@@ -287,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     results, profiles = [], {}
     for name in args.models:
         print(f"building {name}", flush=True)
-        built = build_variants(name, workdir, args.builtin_checkpoint, args.builtin_epochs)
+        built = build_variants(name, workdir, args.builtin_checkpoint, args.builtin_epochs, args.plan_rule,
+                               args.softmax_bits)
         paths, pixels = built["paths"], built["pixels"]
         sessions = {kind: make_session(path) for kind, path in paths.items()}
         hnq_codes = sessions["hnq"].run(None, {"pixels": pixels[:2]})[0]
@@ -306,10 +371,15 @@ def main(argv: list[str] | None = None) -> int:
         profile_batch = max(args.batches)
         profiles[(name, profile_batch)] = profile_hnq(paths["hnq"], batch_of(pixels, profile_batch),
                                                       args.profile_runs, workdir)
-        results.append({"model": name, "latency": latency, "sqnr": sqnr, "bit_exact": bit_exact,
+        results.append({"model": name, "latency": latency, "sqnr": sqnr, "bit_exact": bit_exact, "plan": built["plan"],
+                        "search_seconds_per_image": built["search_seconds_per_image"],
                         "size": {kind: path.stat().st_size for kind, path in paths.items()}})
+    export = None
+    if args.export_model:
+        print(f"measuring the export of {args.export_model}", flush=True)
+        export = measure_export(args.export_model, workdir)
     load_after = tuple(round(v, 2) for v in os.getloadavg())
-    write_page(Path(args.output), command, results, profiles, (load_before, load_after))
+    write_page(Path(args.output), command, results, profiles, (load_before, load_after), export)
     print(f"wrote {args.output}")
     return 0
 

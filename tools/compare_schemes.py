@@ -8,6 +8,7 @@ onnxruntime on the exported integer model over the whole test split. A second bu
 shorter, gives the limited-training setting.
 
     PYTHONPATH=. .venv/bin/python tools/compare_schemes.py --output runs/compare
+    PYTHONPATH=. .venv/bin/python tools/compare_schemes.py --model hnq_swin_fmnist --output runs/compare-swin
 
 writes runs/compare/results.json and, with --markdown, the tables for docs/results.md.
 """
@@ -34,7 +35,7 @@ from hnq.export import build_onnx_model  # noqa: E402
 from hnq.plan import Plan, apply_plan  # noqa: E402
 from hnq.sensitivity import measure_sensitivity  # noqa: E402
 from hnq.train import TrainConfig, calibrate, calibrate_float, predict, top1, train_float, train_qat  # noqa: E402
-from models import QuantConfig, build_float_model, builtin_arch, quantize_model  # noqa: E402
+from models import BUILTIN_MODELS, QuantConfig, build_float_model, builtin_arch, quantize_model  # noqa: E402
 
 ROWS = ("ibert", "ivit", "fqvit", "hnq-delta-sqnr", "hnq-float-input")
 ROW_TITLES = {
@@ -47,12 +48,12 @@ ROW_TITLES = {
 }
 
 
-def uniform_plan(sites: dict, family: str, bits: dict) -> Plan:
+def uniform_plan(model_name: str, sites: dict, family: str, bits: dict) -> Plan:
     entries = {}
     for name, site in sites.items():
         scheme = "ibert" if (site.op, family) == ("gelu", "fqvit") else family
         entries[name] = {"op": site.op, "scheme": scheme}
-    return Plan(model="hnq_vit_fmnist", bits=dict(bits), sites=entries, rule=f"uniform-{family}")
+    return Plan(model=model_name, bits=dict(bits), sites=entries, rule=f"uniform-{family}")
 
 
 def ort_top1(qmodel, plan: Plan, test_x: torch.Tensor, test_y: torch.Tensor, check: int) -> tuple[float, int]:
@@ -70,6 +71,7 @@ def ort_top1(qmodel, plan: Plan, test_x: torch.Tensor, test_y: torch.Tensor, che
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=BUILTIN_MODELS, default="hnq_vit_fmnist", help="built-in model to compare on")
     parser.add_argument("--output", type=Path, default=Path("runs/compare"))
     parser.add_argument("--float-checkpoint", type=Path, default=None,
                         help="float model to start from (default: train one for --float-epochs)")
@@ -100,12 +102,15 @@ def main() -> None:
 
     if args.float_checkpoint is None:
         torch.manual_seed(args.seed)
-        float_model = build_float_model(builtin_arch())
+        float_model = build_float_model(builtin_arch(args.model))
         train_float(float_model, train_x, train_y, TrainConfig(epochs=args.float_epochs, lr=2e-3, seed=args.seed))
         args.float_checkpoint = args.output / "float.pt"
-        save_float_model(args.float_checkpoint, float_model, builtin_arch(), class_names=list(FASHION_MNIST_CLASSES))
-    float_model, _ = load_float_model(args.float_checkpoint)
-    results: dict = {"float_top1": top1(predict(float_model, test_x), test_y), "rows": [], "plans": {}}
+        save_float_model(args.float_checkpoint, float_model, builtin_arch(args.model), class_names=list(FASHION_MNIST_CLASSES))
+    float_model, payload = load_float_model(args.float_checkpoint)
+    if payload["arch"]["timm_name"] != args.model:
+        parser.error(f"--float-checkpoint holds {payload['arch']['timm_name']}, not --model {args.model}")
+    results: dict = {"model": args.model, "float_top1": top1(predict(float_model, test_x), test_y), "rows": [],
+                     "plans": {}}
     previous = args.output / "results.json"
     if previous.is_file():  # keep the rows of an earlier, interrupted run; rerun only the missing ones
         results["rows"] = json.loads(previous.read_text())["rows"]
@@ -119,9 +124,9 @@ def main() -> None:
         batches = [search_images[i:i + 64] for i in range(0, len(search_images), 64)]
         calibrate_float(probe, batches, len(batches), progress=False)
         sensitivity = measure_sensitivity(probe, batches, len(batches), progress=False)
-        plans = {family: uniform_plan(probe.sites(), family, bit_dict) for family in ("ibert", "ivit", "fqvit")}
-        plans["hnq-delta-sqnr"] = sensitivity.make_plan("hnq_vit_fmnist", bit_dict, "delta-sqnr")
-        plans["hnq-float-input"] = sensitivity.make_plan("hnq_vit_fmnist", bit_dict, "float-input")
+        plans = {family: uniform_plan(args.model, probe.sites(), family, bit_dict) for family in ("ibert", "ivit", "fqvit")}
+        plans["hnq-delta-sqnr"] = sensitivity.make_plan(args.model, bit_dict, "delta-sqnr")
+        plans["hnq-float-input"] = sensitivity.make_plan(args.model, bit_dict, "float-input")
         results["plans"][str(bits)] = {row: {s: e["scheme"] for s, e in plan.sites.items()}
                                        for row, plan in plans.items()}
         results.setdefault("sensitivity", {})[str(bits)] = sensitivity.to_dict()
@@ -173,7 +178,27 @@ def markdown(results: dict, args) -> str:
                 match = [r for r in results["rows"] if r["row"] == row and r["bits"] == bits and r["budget"] == budget]
                 cells.append(f"{100 * match[0]['ort_top1']:.2f}" if match else "n/a")
             lines.append(f"| {ROW_TITLES[row]} | " + " | ".join(cells) + " |")
+    for bits in args.bits:
+        lines += sensitivity_table(results, bits)
     return "\n".join(lines)
+
+
+def sensitivity_table(results: dict, bits: int) -> list[str]:
+    """ΔSQNR per site and scheme (dB, larger is better), the delta-sqnr plan's choice starred."""
+    report = results.get("sensitivity", {}).get(str(bits))
+    if report is None:
+        return []
+    chosen = results["plans"][str(bits)]["hnq-delta-sqnr"]
+    names = report["pass_names"][1:]
+    lines = [f"\n### ΔSQNR per site at {bits} bits (dB; * = the delta-sqnr plan's choice)\n",
+             "| site | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for site, entry in report["sites"].items():
+        cells = []
+        for name in names:
+            value = entry["delta_sqnr_db"].get(name)
+            cells.append("" if value is None else f"{value:.2f}{'*' if chosen[site] == name else ''}")
+        lines.append(f"| {site} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

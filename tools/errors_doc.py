@@ -189,13 +189,18 @@ def _other_plan(plan: dict) -> dict:
     return plan
 
 
+def _write_content(path: Path, content: bytes | Callable[[Path], None]) -> Path:
+    """Write `content` to `path`: raw bytes, or a function that writes the file itself."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        content(path)
+    return path
+
+
 def _export_checkpoint(ws: Workspace, name: str, content: bytes | Callable[[Path], None]) -> tuple:
     folder = ws.fresh(name)
-    checkpoint = folder / "model.pt"
-    if isinstance(content, bytes):
-        checkpoint.write_bytes(content)
-    else:
-        content(checkpoint)
+    checkpoint = _write_content(folder / "model.pt", content)
     return "hnq-export", [str(checkpoint), "-o", str(folder / "model.onnx")]
 
 
@@ -224,11 +229,7 @@ def _save_timm_state_dict(path: Path) -> None:
 
 def _eval_model(ws: Workspace, name: str, content: bytes | Callable[[Path], None]) -> tuple:
     folder = ws.fresh(name)
-    model = folder / "model.onnx"
-    if isinstance(content, bytes):
-        model.write_bytes(content)
-    else:
-        content(model)
+    model = _write_content(folder / "model.onnx", content)
     return "hnq-eval", [str(model), "--imagenet", str(ws.images), "--no-progress"]
 
 
