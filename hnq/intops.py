@@ -20,6 +20,11 @@ INT64_MAX = 2**63 - 1
 # bits and a product with an int32 code stays below 2^62.
 DYADIC_MULTIPLIER_BITS = 31
 
+# Integers below 2^53 are exact in float64, and so are their products by powers of two, sums
+# and differences that stay below it. Two routes rest on this: the float64 matmul of int8
+# codes (nn.exact_int_matmul) and the CPU lowering of requantization (GraphBuilder.requantize_sum).
+FLOAT64_EXACT_LIMIT = 2**53
+
 
 def code_range(bits: int, signed: bool) -> tuple[int, int]:
     """Return the (min, max) code of a `bits`-wide integer."""

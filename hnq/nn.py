@@ -22,15 +22,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto
 
-from .intops import round_shift
+from onnx_ops.common import RoundDivHalfEven
+
+from .intops import FLOAT64_EXACT_LIMIT, round_shift
 from .onnx_builder import GraphBuilder
 from .onnx_builder import onnx_dtype as onnx_elem_type
 from .quant import OBSERVER_MOMENTUM, ActQuantizer, QTensor, fake_quantize, fake_quantize_weight, quantize_weight, safe_dyadic, weight_scales
 from .schemes.base import SchemeConstants, SiteInput
 from .schemes.registry import get_scheme
-
-# Sums of exact float64 matmuls must stay below this for the float64 route to be exact.
-FLOAT64_EXACT_LIMIT = 2**53
 
 
 @contextmanager
@@ -313,6 +312,11 @@ class QuantAdd(nn.Module):
     def to_onnx(self, b: GraphBuilder, a: QTensor, c: QTensor) -> QTensor:
         m_a, m_c, s = self.integer_params(a, c)
         q = self.out_quant
+        if b.target == "cpu":
+            terms = [(a.value, m_a, max(abs(a.code_min), a.code_max)), (c.value, m_c, max(abs(c.code_min), c.code_max))]
+            out = b.requantize_sum(terms, s, q.code_min, q.code_max)
+            if out is not None:
+                return QTensor(out, q.scale, q.bits, q.signed)
         # Stored values are code + z; their offsets fold into one constant.
         (a_type, z_a), (c_type, z_c) = b.form(a.value), b.form(c.value)
         a_value = a.value if a_type == TensorProto.INT64 else b.cast(a.value, TensorProto.INT64)
@@ -457,6 +461,9 @@ class SchemeSite(nn.Module):
 # Softmax schemes that the CPU export lowers with an exponential table (SoftmaxSite.table_onnx).
 TABLE_SOFTMAX_SCHEMES = ("ibert", "ivit")
 
+# Bits of the low part when a row sum of exponentials is split (SoftmaxSite.ratio_table_onnx).
+LOW_BITS = 26
+
 
 class SoftmaxSite(SchemeSite):
     op = "softmax"
@@ -500,6 +507,8 @@ class SoftmaxSite(SchemeSite):
         x = quantizer_requantize_onnx(b, self.in_quant, acc, acc_scale, acc_bound)
         c = self.constants(x, output_bits=self.output_bits)
         probs = self.table_onnx(b, x, c) if self.scheme_name in TABLE_SOFTMAX_SCHEMES else None
+        if probs is None:
+            probs = self.ratio_table_onnx(b, x, c)
         if probs is None:
             probs = self.run_scheme_onnx(b, x, c)
         y = QTensor(probs, c.output_scale, self.probability_bits(c), signed=False)
@@ -559,6 +568,56 @@ class SoftmaxSite(SchemeSite):
         if mask is not None:
             out = b.node("Where", [mask, b.const(0, dtype=np.uint8), out])
         return b.mark(out, TensorProto.UINT8, 0)
+
+
+    def ratio_table_onnx(self, b: GraphBuilder, x: QTensor, c: SchemeConstants) -> str | None:
+        """CPU lowering of FQ-ViT's Log-Int-Softmax with two tables; None where it does not apply.
+
+        The exponential is a table of rowmax - x, as in `table_onnx`. The output code is a
+        table of min(ratio, R) (`FQViTLogIntSoftmax.ratio_table`), which replaces the integer
+        log2, the rounding to the nearer power of two and the masks of the hnq function.
+        Applies on uint8 inputs (code - code_min) with log_bits 4. Returns int32 codes.
+        """
+        scheme = self.scheme
+        if b.target != "cpu" or not hasattr(scheme, "ratio_table"):
+            return None
+        if b.form(x.value) != (TensorProto.UINT8, -x.code_min):
+            return None
+        codes = scheme.ratio_table(c)
+        exp_table = scheme.exp_table(c)
+        # onnxruntime's int64 ReduceSum is exact below 2^53 (see the hnq function). Longer
+        # sums add the high and low 26 bits of each exponential apart, from two more tables.
+        length = c.site_input.length
+        split = int(exp_table.max()) * length >= FLOAT64_EXACT_LIMIT
+        if codes is None or (int(exp_table.max()) >> LOW_BITS) * length >= FLOAT64_EXACT_LIMIT:
+            return None
+        b.site_tensors[self.site_name] = {"input": b.site_tensor(x.value), "scheme": scheme.name}
+        values = b.cast(x.value, TensorProto.INT32)
+        row_diff = b.node("Sub", [b.node("ReduceMax", [values, b.const([-1])], keepdims=1), values])
+        exp = lookup_onnx(b, exp_table.astype(np.int64), row_diff, name=f"{scheme.name}_exp_table")
+        b.site_tensors[self.site_name]["node"] = b.last_node_name
+
+        def row_sum(tensor: str) -> str:
+            return b.node("ReduceSum", [tensor, b.const([-1])], keepdims=1)
+
+        if split:
+            high = lookup_onnx(b, exp_table >> LOW_BITS, row_diff, name=f"{scheme.name}_exp_high_table")
+            low = lookup_onnx(b, exp_table & ((1 << LOW_BITS) - 1), row_diff, name=f"{scheme.name}_exp_low_table")
+            total = b.node("Add", [b.node("Mul", [row_sum(high), b.const(1 << LOW_BITS)]), row_sum(low)])
+        else:
+            total = row_sum(exp)
+
+        # The reference divides by max(exp, 1), and an exp of 0 only occurs where the table has one.
+        has_zero = int(exp_table.min()) == 0
+        ratio = b.call(RoundDivHalfEven, [total, b.node("Max", [exp, b.const(1)]) if has_zero else exp])
+        limit = len(codes) - 1
+        out = lookup_onnx(b, codes.astype(np.int32), b.node("Min", [ratio, b.const(limit)]),
+                          name=f"{scheme.name}_ratio_table")
+        # An entry with exp = 0 gets code 0. Its ratio is the row's sum, at least the row
+        # maximum's exp = exp_table[0], so the ratio table already gives 0 when that reaches R.
+        if has_zero and int(exp_table[0]) < limit:
+            out = b.node("Mul", [out, b.cast(b.node("Greater", [exp, b.const(0)]), TensorProto.INT32)])
+        return b.mark(out, TensorProto.INT32, 0)
 
 
 class GeluSite(SchemeSite):

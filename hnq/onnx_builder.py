@@ -17,6 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_ops.common import HNQ_DOMAIN, IR_VERSION, OPSET_VERSION
 
+from .intops import FLOAT64_EXACT_LIMIT
+
 _NP_TO_ONNX = {
     np.dtype(np.int8): TensorProto.INT8,
     np.dtype(np.uint8): TensorProto.UINT8,
@@ -190,7 +192,8 @@ class GraphBuilder:
         `x_int64` holds codes in any form (`forms`). Without `bound` (max |x|), or on the
         CUDA target, the result is plain int64 codes computed with `FloorDiv`. With it, the
         CPU lowering returns code - lo (uint8 when the range has at most 256 codes, else
-        int32) from one Mul, Add, Max, Min and a BitShift on uint64 (`_requantize_shift`).
+        int32), in float64 where that is exact (`requantize_sum`), else from one Mul, Add,
+        Max, Min and a BitShift on uint64 (`_requantize_shift`).
         """
         m = np.asarray(multiplier, dtype=np.int64)
         s = np.asarray(shift, dtype=np.int64)
@@ -200,10 +203,65 @@ class GraphBuilder:
             # (x_r - z) * m + offset = x_r * m + (offset - z m), x_r the stored value.
             extra = extra - x_offset * m
         if self.target == "cpu" and bound is not None and np.all(s >= 0):
+            fast = self.requantize_sum([(x_int64, m, bound)], s, lo, hi, offset)
+            if fast is not None:
+                return fast
             fast = self._requantize_shift(x_int64, dtype, m, s, lo, hi, extra, bound + abs(x_offset))
             if fast is not None:
                 return fast
         return self._requantize_floor_div(self.codes(x_int64), m, s, lo, hi, offset)
+
+    def requantize_sum(self, terms: list[tuple[str, Any, int]], shift, lo: int, hi: int,
+                       offset=None) -> str | None:
+        """CPU lowering of clamp(round_half_up((sum_i x_i m_i + offset) / 2^s), lo, hi) in float64.
+
+        `terms` contains (x, m, bound): codes in any form (`forms`), a multiplier (scalar or per
+        channel) and the largest |code|. Returns code - lo like `_requantize_shift` does, or
+        None when an intermediate could reach 2^53 or the range has 2^31 codes or more.
+
+        With P = sum_i x_i m_i + offset + 2^(s-1) + (-lo) 2^s, an integer, the graph forms
+        sum_i x_i (m_i 2^-s) + (P - sum_i x_i m_i) 2^-s. Every operand and partial sum is an
+        integer below 2^53 times the power of two 2^-s, so each step is exact and the value
+        is P 2^-s. Clip to [0, span + 1/2] and the Cast to an integer type, which onnxruntime
+        performs by truncation (the floor, for values that are not negative), then give
+        clamp(floor(P / 2^s), 0, span): every upper limit in [span, span + 1) has that
+        floor, and a scalar one serves per-channel shifts too. Measured on a [8, 197, 768]
+        int32 tensor: 3.3 ms here against 6.0 ms for `_requantize_shift`; a Floor node
+        before the Clip would add 1 ms.
+        """
+        s = np.asarray(shift, dtype=np.int64)
+        span = hi - lo
+        if span >= 2**31 or np.any(s < 0):
+            return None
+        s_max = int(s.max())
+        offset_max = 0 if offset is None else int(np.abs(np.asarray(offset, dtype=np.int64)).max())
+        # Python integers, so that the check itself cannot overflow.
+        worst = offset_max + (1 << max(s_max - 1, 0)) + (abs(lo) << s_max)
+        for x, m, bound in terms:
+            worst += (int(bound) + abs(self.form(x)[1])) * int(np.abs(np.asarray(m, dtype=np.int64)).max())
+        if worst >= FLOAT64_EXACT_LIMIT:
+            return None
+
+        constant = np.zeros((), dtype=np.int64) if offset is None else np.asarray(offset, dtype=np.int64)
+        constant = constant + np.where(s > 0, np.left_shift(np.int64(1), np.maximum(s - 1, 0)), 0)
+        constant = constant + np.left_shift(np.int64(-lo), s)
+        step = np.ldexp(1.0, -s)
+        value = None
+        for x, multiplier, _ in terms:
+            m = np.asarray(multiplier, dtype=np.int64)
+            constant = constant - self.form(x)[1] * m  # x stores code + z, and (x - z) m = x m - z m
+            term = self.node("Cast", [x], to=TensorProto.DOUBLE)
+            factor = m * step
+            if not np.all(factor == 1.0):
+                term = self.node("Mul", [term, self.const(factor, dtype=np.float64)])
+            value = term if value is None else self.node("Add", [value, term])
+
+        if np.any(constant != 0):
+            value = self.node("Add", [value, self.const(constant * step, dtype=np.float64)])
+        value = self.node("Clip", [value, self.const(0.0, dtype=np.float64),
+                                           self.const(span + 0.5, dtype=np.float64)])
+        out_type = TensorProto.UINT8 if span <= 255 else TensorProto.INT32
+        return self.mark(self.node("Cast", [value], to=out_type), out_type, -lo)
 
     def _requantize_floor_div(self, x_int64: str, m: np.ndarray, s: np.ndarray, lo: int, hi: int, offset) -> str:
         from onnx_ops.common import FloorDiv

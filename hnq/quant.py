@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .intops import Dyadic, code_range, dyadic
+from .intops import FLOAT64_EXACT_LIMIT, Dyadic, code_range, dyadic
 
 # EMA momentum of the activation observers (I-ViT's and I-BERT's QuantAct use 0.95).
 OBSERVER_MOMENTUM = 0.95
@@ -147,19 +147,29 @@ def quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     return codes.to(torch.int64), scales
 
 
+# A requantization whose products stay below 2^53 is lowered to float64 on CPU, which is
+# exact there and about half the time of the int64 lowering in onnxruntime (see
+# GraphBuilder.requantize_sum). safe_dyadic gives up multiplier bits for that down to this
+# many: a relative error of 2^-24 moves an 8-bit code by at most 2^-17 of a step.
+FLOAT64_MIN_MULTIPLIER_BITS = 24
+
+
 def safe_dyadic(ratio: float, input_bound: int, offset_bound: int = 0) -> Dyadic:
-    """Dyadic for `ratio` whose product with any |input| <= input_bound stays below 2^62.
+    """Dyadic for `ratio` whose product with any |input| <= input_bound stays below 2^53,
+    or below 2^62 where 2^53 would leave fewer than FLOAT64_MIN_MULTIPLIER_BITS bits.
 
     Uses up to 31 multiplier bits and fewer when the input is wide; `offset_bound` reserves
     room for an offset of that many output units, pre-scaled by 2^shift and added before
     the shift. Fewer multiplier bits also mean a smaller shift, so a tight case retries
     with fewer bits before giving up.
     """
-    headroom = 62 - max(1, int(input_bound).bit_length())
-    for bits in range(max(8, min(31, headroom)), 7, -1):
-        d = dyadic(abs(ratio), multiplier_bits=bits)
-        if input_bound * d.multiplier + (offset_bound << d.shift) < 2**62:
-            return d
+    input_bits = max(1, int(input_bound).bit_length())
+    for limit, min_bits in ((FLOAT64_EXACT_LIMIT, FLOAT64_MIN_MULTIPLIER_BITS), (2**62, 8)):
+        headroom = limit.bit_length() - 1 - input_bits
+        for bits in range(max(min_bits, min(31, headroom)), min_bits - 1, -1):
+            d = dyadic(abs(ratio), multiplier_bits=bits)
+            if input_bound * d.multiplier + (offset_bound << d.shift) < limit:
+                return d
     raise OverflowError(
         f"requantization by {ratio!r} of inputs up to {input_bound} (offset up to {offset_bound}) "
         "overflows int64; the input range is too wide for this scale ratio"

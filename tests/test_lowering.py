@@ -121,3 +121,81 @@ def test_gelu_table_equals_reference(scheme, bits, scale):
     bound = max(abs(c.output_min), abs(c.output_max))
     expected = quantizer_requantize(site.out_quant, out, c.output_scale, bound).value
     assert np.array_equal(got, expected.numpy())
+
+
+def graph_ops(b: GraphBuilder) -> set[str]:
+    return {node.op_type for node in b.nodes}
+
+
+@pytest.mark.parametrize("multiplier,shift", [(3, 1), (5, 2), (2**27 + 12345, 40), ([3, 2**20 + 1, 7, 2**26 - 1], [1, 30, 3, 38])])
+def test_float64_requantize_equals_floor_div(multiplier, shift):
+    """The float64 lowering on values that include every rounding tie of small shifts."""
+    rng = np.random.default_rng(7)
+    bound = 2**22
+    values = np.concatenate([rng.integers(-bound, bound + 1, (64, 4)), np.arange(-64, 64).reshape(-1, 4),
+                             np.array([[-bound] * 4, [bound] * 4])]).astype(np.int64)
+    m, s = np.asarray(multiplier, dtype=np.int64), np.asarray(shift, dtype=np.int64)
+    offset = np.array([-7, 0, 5, 1], dtype=np.int64) << np.minimum(s, 20)
+    b = GraphBuilder(target="cpu")
+    y = b.requantize(b.add_input("x", TensorProto.INT64, ["rows", "columns"]), m, s, -128, 127,
+                     offset=offset, bound=bound)
+    assert "Clip" in graph_ops(b), "the float64 path did not apply"
+    assert "BitShift" not in graph_ops(b)
+    got = run_graph(b, y, {"x": values})
+    product = torch.from_numpy(values) * torch.from_numpy(np.broadcast_to(m, (4,)).copy()) + torch.from_numpy(offset)
+    half = torch.from_numpy(np.where(s > 0, np.left_shift(1, np.maximum(s - 1, 0)), 0))
+    expected = ((product + half) >> torch.from_numpy(np.broadcast_to(s, (4,)).copy())).clamp(-128, 127)
+    assert np.array_equal(got, expected.numpy())
+
+
+def test_float64_requantize_of_a_sum_with_offset_forms():
+    """Two uint8 operands stored as code + 128, as the residual add feeds them."""
+    codes = np.array(np.meshgrid(np.arange(-128, 128), np.arange(-128, 128))).reshape(2, -1, 8).astype(np.int64)
+    m_a, m_c, s = 3_000_001, 1_234_567, 23
+    b = GraphBuilder(target="cpu")
+    x = b.add_input("x", TensorProto.INT64, ["rows", "columns"])
+    z = b.add_input("z", TensorProto.INT64, ["rows", "columns"])
+    stored = [b.mark(b.cast(b.node("Add", [t, b.const(128)]), TensorProto.UINT8), TensorProto.UINT8, 128)
+              for t in (x, z)]
+    y = b.requantize_sum([(stored[0], m_a, 128), (stored[1], m_c, 128)], s, -(2**15), 2**15 - 1)
+    assert y is not None, "the float64 path did not apply"
+    assert "BitShift" not in graph_ops(b)
+    got = run_graph(b, y, {"x": codes[0], "z": codes[1]})
+    expected = ((codes[0] * m_a + codes[1] * m_c + (1 << (s - 1))) >> s).clip(-(2**15), 2**15 - 1)
+    assert np.array_equal(got, expected)
+
+
+def test_float64_requantize_declines_past_2_53():
+    b = GraphBuilder(target="cpu")
+    x = b.add_input("x", TensorProto.INT64, ["rows", "columns"])
+    assert b.requantize_sum([(x, 2**31 - 1, 2**22)], 40, -128, 127) is None
+    assert b.requantize_sum([(x, 2**30, 2**22)], 40, -128, 127) is not None
+
+
+@pytest.mark.parametrize("absmax", [0.3, 3.0, 40.0])
+def test_fqvit_ratio_table_equals_reference(absmax):
+    """FQ-ViT's table lowering, with the split row sum (absmax 0.3) and the single one."""
+    length = 256
+    site = calibrated_site(SoftmaxSite(8, 8, length=length), "fqvit", absmax)
+    ramp = torch.arange(127, -129, -1)
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.cat([ramp[None], ramp.flip(0)[None], torch.randint(-128, 128, (6, length), generator=generator),
+                      torch.full((1, length), -128), torch.full((1, length), 127),
+                      torch.cat([torch.tensor([127]), torch.full((length - 1,), -128)])[None]])
+    x = QTensor(rows, site.in_quant.scale, 8, True)
+    c = site.constants(x, output_bits=8)
+    b = GraphBuilder(target="cpu")
+    probs = site.ratio_table_onnx(b, QTensor(stored_input(b, 8), x.scale, 8, True), c)
+    assert probs is not None, "the table path did not apply"
+    got = run_graph(b, probs, {"x": rows.numpy()})
+    assert np.array_equal(got, site.scheme.reference(rows, c).numpy())
+
+
+def test_safe_dyadic_prefers_the_float64_range():
+    from hnq.quant import FLOAT64_MIN_MULTIPLIER_BITS, safe_dyadic
+
+    d = safe_dyadic(0.37, 2**22)
+    assert 2**22 * d.multiplier < 2**53
+    assert d.multiplier.bit_length() >= FLOAT64_MIN_MULTIPLIER_BITS
+    wide = safe_dyadic(0.37, 2**35)  # 2^53 would leave 18 bits, so the int64 range applies
+    assert 2**53 <= 2**35 * wide.multiplier < 2**62

@@ -22,7 +22,7 @@ import torch
 from onnx_ops import fqvit as fqvit_onnx
 
 from ..intops import INT32_MAX, dyadic, floor_div, floor_log2, round_div_half_even
-from .base import Scheme, SchemeConstants, SiteInput
+from .base import RowExpSoftmax, Scheme, SchemeConstants, SiteInput
 from .ibert import (IBertLayerNorm, IBertSoftmax, _powers_input, _record, _scalar,
                     layernorm_float, layernorm_statistics)
 from .registry import register
@@ -36,7 +36,7 @@ PAPER = ("FQ-ViT: Post-Training Quantization for Fully Quantized Vision Transfor
 
 
 @register
-class FQViTLogIntSoftmax(Scheme):
+class FQViTLogIntSoftmax(RowExpSoftmax):
     """FQ-ViT Log-Int-Softmax: I-BERT's integer exp, then a rounded integer log2 of sum/exp.
 
     Steps on d = x - rowmax, with b = `log_bits`:
@@ -84,6 +84,8 @@ class FQViTLogIntSoftmax(Scheme):
     LOG_BITS = (4, 6, 8)
     # Scale exponent of the linear output codes, per log_bits.
     LINEAR_SHIFT = {4: 15, 6: 30, 8: 30}
+    # Maximum length of the table of codes per ratio (`ratio_table`). log_bits 4 needs 49,153 entries.
+    RATIO_TABLE_LIMIT = 2**17
 
     def constants(self, site_input: SiteInput, **options: Any) -> SchemeConstants:
         options.pop("output_bits", None)
@@ -132,23 +134,57 @@ class FQViTLogIntSoftmax(Scheme):
     def reference(self, q: torch.Tensor, c: SchemeConstants,
                   intermediates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         steps = self.integer_exp(q - q.amax(dim=-1, keepdim=True), c)
-        exp = steps["exp"]
+        _record(intermediates, **steps)
+        return self.normalize(steps["exp"], c, intermediates)
+
+    def exp_table(self, c: SchemeConstants) -> np.ndarray:
+        d = -torch.arange(2**c.site_input.bits, dtype=torch.int64)
+        return self.integer_exp(d, c)["exp"].numpy()
+
+    def normalize(self, exp: torch.Tensor, c: SchemeConstants,
+                  intermediates: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         total = exp.sum(dim=-1, keepdim=True)
         ratio = round_div_half_even(total, exp.clamp(min=1))
+        steps = self.codes_of_ratio(ratio, c)
+        is_zero = steps["is_zero"] | (exp == 0)
+        out = torch.where(exp == 0, torch.zeros_like(ratio), steps["output"])
+        _record(intermediates, **steps, exp_sum=total, ratio=ratio)
+        _record(intermediates, is_zero=is_zero.to(torch.int64), output=out)
+        return out
 
+    def codes_of_ratio(self, ratio: torch.Tensor, c: SchemeConstants) -> dict[str, torch.Tensor]:
+        """Steps 4 and 5 for ratios >= 1 of entries whose exp is not 0: the rounded log2 k, the
+        clamped qlog, whether k masks the entry (is_zero) and the output code."""
         floor_k = floor_log2(ratio)
         round_threshold = 3 * (torch.ones_like(floor_k) << floor_k)
         k = floor_k + (2 * ratio >= round_threshold).to(torch.int64)
-
         log_levels = 2 ** c["log_bits"]
-        is_zero = (k >= log_levels) | (exp == 0)
         qlog = k.clamp(0, log_levels - 1)
         shift = c["linear_shift"]
+        is_zero = k >= log_levels
         keep = ~is_zero & (qlog <= shift)
         out = torch.where(keep, torch.ones_like(qlog) << (shift - qlog).clamp(min=0), torch.zeros_like(qlog))
-        _record(intermediates, **steps, exp_sum=total, ratio=ratio, round_threshold=round_threshold,
-                log2=k, qlog=qlog, is_zero=is_zero.to(torch.int64), output=out)
-        return out
+        return {"round_threshold": round_threshold, "log2": k, "qlog": qlog, "is_zero": is_zero, "output": out}
+
+    def ratio_table(self, c: SchemeConstants) -> np.ndarray | None:
+        """Output codes for the ratios 0, 1, ..., R, where every ratio from R on gives code 0,
+        or None where R passes RATIO_TABLE_LIMIT (log_bits 6 and 8, whose R is 3 * 2^29).
+
+        k never decreases as the ratio grows, and the code is 0 from the first k that masks,
+        K = min(2^b - 1, N) + 1, on: so R is the first ratio with k = K, 3 * 2^(K - 2). Entry
+        0 is never read (ratio >= 1) and is 0.
+        """
+        first_masked_k = min(2 ** c["log_bits"] - 1, c["linear_shift"]) + 1
+        limit = 3 << (first_masked_k - 2)
+        if limit > self.RATIO_TABLE_LIMIT:
+            return None
+        ratios = torch.arange(limit + 1, dtype=torch.int64)
+        codes = self.codes_of_ratio(ratios.clamp(min=1), c)["output"]
+        codes[0] = 0
+        # The derivation of R above, checked: R is the first ratio whose code is 0.
+        assert int(codes[limit]) == 0, f"ratio table: code of R = {limit} is not 0"
+        assert int(codes[limit - 1]) != 0, f"ratio table: code of R - 1 = {limit - 1} is already 0"
+        return codes.numpy()
 
     def bounds(self, c: SchemeConstants) -> dict[str, int]:
         length = c.site_input.length
