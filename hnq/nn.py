@@ -64,15 +64,24 @@ def exact_int_matmul(a: torch.Tensor, b: torch.Tensor, bound: int) -> torch.Tens
     return torch.matmul(a.double(), b.double()).to(torch.int64)
 
 
-def requant_params(in_scale, out_scale: float, in_bound: int) -> tuple[np.ndarray, np.ndarray]:
-    """Dyadic (multiplier, shift) per element of `in_scale / out_scale`, as int64 arrays."""
+def requant_params(in_scale, out_scale: float, in_bound: int, out_bound: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Dyadic (multiplier, shift) per element of `in_scale / out_scale`, as int64 arrays.
+
+    `out_bound` is the largest |output code| (see `safe_dyadic`); the integer reference and
+    the ONNX lowering must pass the same value.
+    """
     ratios = np.atleast_1d(np.asarray(in_scale, dtype=np.float64)) / out_scale
-    pairs = [safe_dyadic(float(r), in_bound) for r in ratios]
+    pairs = [safe_dyadic(float(r), in_bound, output_bound=out_bound) for r in ratios]
     multipliers = np.array([p.multiplier for p in pairs], dtype=np.int64)
     shifts = np.array([p.shift for p in pairs], dtype=np.int64)
     if np.ndim(in_scale) == 0:
         return multipliers[0], shifts[0]
     return multipliers, shifts
+
+
+def code_bound(quant: ActQuantizer) -> int:
+    """Return the largest |code| of `quant`'s range."""
+    return max(abs(quant.code_min), quant.code_max)
 
 
 def requantize_codes(codes: torch.Tensor, multiplier, shift, lo: int, hi: int) -> torch.Tensor:
@@ -83,7 +92,7 @@ def requantize_codes(codes: torch.Tensor, multiplier, shift, lo: int, hi: int) -
 
 def quantizer_requantize(quant: ActQuantizer, acc: torch.Tensor, acc_scale, acc_bound: int) -> QTensor:
     """Integer mode: rescale accumulator codes (scalar or per-channel scale) onto `quant`'s grid."""
-    m, s = requant_params(acc_scale, quant.scale, acc_bound)
+    m, s = requant_params(acc_scale, quant.scale, acc_bound, code_bound(quant))
     codes = requantize_codes(acc, m, s, quant.code_min, quant.code_max)
     return QTensor(codes, quant.scale, quant.bits, quant.signed)
 
@@ -95,7 +104,7 @@ def quantizer_requantize_onnx(b: GraphBuilder, quant: ActQuantizer, acc: str, ac
     The result is in any form of `GraphBuilder.forms` (uint8 code + 128 for 8-bit codes on
     the CPU target).
     """
-    m, s = requant_params(acc_scale, quant.scale, acc_bound)
+    m, s = requant_params(acc_scale, quant.scale, acc_bound, code_bound(quant))
     codes = b.requantize(acc, m, s, quant.code_min, quant.code_max, offset=offset, bound=acc_bound)
     return QTensor(codes, quant.scale, quant.bits, quant.signed)
 
@@ -277,7 +286,7 @@ class QuantLinear(nn.Module):
         b.mark(acc, TensorProto.INT32, 0)
         offset = None
         if bias_codes is not None:
-            m, _ = requant_params(acc_scales, self.out_quant.scale, bound)
+            m, _ = requant_params(acc_scales, self.out_quant.scale, bound, code_bound(self.out_quant))
             offset = bias_codes.numpy() * m
         return quantizer_requantize_onnx(b, self.out_quant, acc, acc_scales, bound, offset=offset)
 
@@ -296,7 +305,7 @@ class QuantAdd(nn.Module):
         # One shift s for both operands: out = round((a*m_a + c*m_c) / 2^s).
         bound = max(abs(a.code_min), a.code_max) + max(abs(c.code_min), c.code_max)
         ratio_a, ratio_c = a.scale / self.out_quant.scale, c.scale / self.out_quant.scale
-        reference = safe_dyadic(max(ratio_a, ratio_c), bound)
+        reference = safe_dyadic(max(ratio_a, ratio_c), bound, output_bound=code_bound(self.out_quant))
         m_a = round(ratio_a * 2**reference.shift)
         m_c = round(ratio_c * 2**reference.shift)
         return m_a, m_c, reference.shift
@@ -747,7 +756,8 @@ class LayerNormSite(SchemeSite):
         offset_cap = q.code_max + int(np.abs(gamma).max() * c.output_scale / q.scale * n_bound) + 2
         multipliers, shifts, offsets = [], [], []
         for g, beta_c in zip(gamma, beta):
-            d = safe_dyadic(abs(g) * c.output_scale / q.scale, n_bound, offset_bound=offset_cap)
+            d = safe_dyadic(abs(g) * c.output_scale / q.scale, n_bound, offset_bound=offset_cap,
+                            output_bound=code_bound(q))
             multipliers.append(d.multiplier if g >= 0 else -d.multiplier)
             shifts.append(d.shift)
             offset = max(-offset_cap, min(offset_cap, beta_c / q.scale))

@@ -149,26 +149,36 @@ def quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
 
 # A requantization whose products stay below 2^53 is lowered to float64 on CPU, which is
 # exact there and about half the time of the int64 lowering in onnxruntime (see
-# GraphBuilder.requantize_sum). safe_dyadic gives up multiplier bits for that down to this
-# many: a relative error of 2^-24 moves an 8-bit code by at most 2^-17 of a step.
+# GraphBuilder.requantize_sum). safe_dyadic gives up multiplier bits for that while the
+# output code moves by at most 2^-FLOAT64_STEP_ERROR_BITS of a step. A multiplier of b bits
+# has a relative error of at most 2^-b, so it moves a code below 2^k by at most 2^(k-b) steps.
+FLOAT64_STEP_ERROR_BITS = 11
+# Minimum multiplier bits for the float64 range when the output range is not given.
 FLOAT64_MIN_MULTIPLIER_BITS = 24
 
 
-def safe_dyadic(ratio: float, input_bound: int, offset_bound: int = 0) -> Dyadic:
-    """Dyadic for `ratio` whose product with any |input| <= input_bound stays below 2^53,
-    or below 2^62 where 2^53 would leave fewer than FLOAT64_MIN_MULTIPLIER_BITS bits.
+def safe_dyadic(ratio: float, input_bound: int, offset_bound: int = 0, output_bound: int = 0) -> Dyadic:
+    """Dyadic for `ratio` whose product with any |input| <= input_bound stays below 2^53 where
+    enough multiplier bits remain, else below 2^62.
 
     Uses up to 31 multiplier bits and fewer when the input is wide; `offset_bound` reserves
     room for an offset of that many output units, pre-scaled by 2^shift and added before
     the shift. Fewer multiplier bits also mean a smaller shift, so a tight case retries
-    with fewer bits before giving up.
+    with fewer bits before giving up. `output_bound`, the largest |output code| (0 when
+    unknown), also reserves room for the output offset that the float64 lowering adds, and
+    sets the fewest multiplier bits it may use (FLOAT64_STEP_ERROR_BITS).
     """
     input_bits = max(1, int(input_bound).bit_length())
-    for limit, min_bits in ((FLOAT64_EXACT_LIMIT, FLOAT64_MIN_MULTIPLIER_BITS), (2**62, 8)):
+    if output_bound:
+        float64_min_bits = int(output_bound).bit_length() + FLOAT64_STEP_ERROR_BITS
+    else:
+        float64_min_bits = FLOAT64_MIN_MULTIPLIER_BITS
+    passes = ((FLOAT64_EXACT_LIMIT, float64_min_bits, int(output_bound) + 1), (2**62, 8, 0))
+    for limit, min_bits, output_room in passes:
         headroom = limit.bit_length() - 1 - input_bits
         for bits in range(max(min_bits, min(31, headroom)), min_bits - 1, -1):
             d = dyadic(abs(ratio), multiplier_bits=bits)
-            if input_bound * d.multiplier + (offset_bound << d.shift) < limit:
+            if input_bound * d.multiplier + ((offset_bound + output_room) << d.shift) < limit:
                 return d
     raise OverflowError(
         f"requantization by {ratio!r} of inputs up to {input_bound} (offset up to {offset_bound}) "

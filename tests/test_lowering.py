@@ -199,3 +199,15 @@ def test_safe_dyadic_prefers_the_float64_range():
     assert d.multiplier.bit_length() >= FLOAT64_MIN_MULTIPLIER_BITS
     wide = safe_dyadic(0.37, 2**35)  # 2^53 would leave 18 bits, so the int64 range applies
     assert 2**53 <= 2**35 * wide.multiplier < 2**62
+
+
+def test_safe_dyadic_output_bound_sets_room():
+    """A LayerNorm-wide input (2^31) with 8-bit outputs still fits the float64 range."""
+    from hnq.quant import FLOAT64_STEP_ERROR_BITS, safe_dyadic
+
+    d = safe_dyadic(3e-7, 2**31, output_bound=128)
+    assert 2**31 * d.multiplier + (129 << d.shift) < 2**53
+    assert d.multiplier.bit_length() >= 8 + FLOAT64_STEP_ERROR_BITS
+    b = GraphBuilder(target="cpu")
+    x = b.add_input("x", TensorProto.INT64, ["rows", "columns"])
+    assert b.requantize_sum([(x, d.multiplier, 2**31)], d.shift, -128, 127) is not None
