@@ -552,28 +552,27 @@ class SoftmaxSite(SchemeSite):
         b.site_tensors[self.site_name]["node"] = b.last_node_name
         total = b.node("ReduceSum", [exp, b.const([-1])], keepdims=1)
         if sum_in_int32 and np_dtype != np.int32:
-            exp, total = b.cast(exp, dtype), b.cast(total, dtype)
+            total = b.cast(total, dtype)
 
-        def const(value: int) -> str:
-            return b.const(_constant_for_dtype(value, np_dtype), dtype=np_dtype)
-
+        # Both schemes give floor(exp * factor / 2^(32 - k)) capped at output_max, with
+        # factor = floor(2^32 / sum) for I-BERT and floor((2^31 - 1) / min(sum, 2^31 - 1)) for
+        # I-ViT. The product is at most 2^32 (scheme bounds), so it and its scaling by
+        # 2^-(32 - k) are exact in float64. Clip to output_max + 1/2 and the truncating Cast
+        # then give the capped floor, as in GraphBuilder.requantize_sum.
         if scheme.name == "ivit":
             from .schemes.ivit import INT32_MAX
 
-            total = b.node("Min", [total, const(INT32_MAX)])
-            factor = b.node("Div", [const(INT32_MAX), total])
-            shifted = b.node("Div", [b.node("Mul", [exp, factor]), const(2 ** (32 - c["output_bits"]))])
+            limit = b.const(_constant_for_dtype(INT32_MAX, np_dtype), dtype=np_dtype)
+            factor = b.node("Div", [limit, b.node("Min", [total, limit])])
         else:
-            # factor <= 2^32 and exp16 * factor <= 2^32 (scheme bounds): int64, non-negative,
-            # so the final shift is a BitShift on uint64.
-            exp64 = exp if np_dtype == np.int64 else b.cast(exp, TensorProto.INT64)
             total64 = total if np_dtype == np.int64 else b.cast(total, TensorProto.INT64)
             factor = b.node("Div", [b.const(2**scheme.MAX_BIT), total64])
-            product = b.cast(b.node("Mul", [exp64, factor]), TensorProto.UINT64)
-            shifted = b.node("BitShift", [product, b.const(scheme.MAX_BIT - c["output_bits"], dtype=np.uint64)],
-                             direction="RIGHT")
-        cap_dtype = np.uint64 if scheme.name != "ivit" else np_dtype
-        out = b.cast(b.node("Min", [shifted, b.const(c.output_max, dtype=cap_dtype)]), TensorProto.UINT8)
+        step = b.const(2.0 ** -(32 - c["output_bits"]), dtype=np.float64)
+        scaled_factor = b.node("Mul", [b.node("Cast", [factor], to=TensorProto.DOUBLE), step])
+        value = b.node("Mul", [b.node("Cast", [exp], to=TensorProto.DOUBLE), scaled_factor])
+        clipped = b.node("Clip", [value, b.const(0.0, dtype=np.float64),
+                                  b.const(c.output_max + 0.5, dtype=np.float64)])
+        out = b.node("Cast", [clipped], to=TensorProto.UINT8)
         if mask is not None:
             out = b.node("Where", [mask, b.const(0, dtype=np.uint8), out])
         return b.mark(out, TensorProto.UINT8, 0)
