@@ -17,15 +17,23 @@ pytestmark = pytest.mark.slow
 
 
 def _tamper(model: onnx.ModelProto, prefix: str) -> str:
-    """Change one per-channel constant of the site under `prefix` by one step; return its name."""
+    """Change one per-channel requantization constant of the site under `prefix` by about 2 %;
+    return its name. The constant is a float64 factor m 2^-s, or an int64 multiplier m where
+    the requantization runs in int64."""
     for index, init in enumerate(model.graph.initializer):
         array = numpy_helper.to_array(init)
-        if init.name.startswith(prefix) and array.ndim == 1 and array.size == 64 and np.abs(array).max() > 1000:
-            changed = array.copy()
+        if not init.name.startswith(prefix) or array.ndim != 1 or array.size != 64:
+            continue
+        changed = array.copy()
+        if array.dtype == np.float64:
+            changed[7] *= 1.02
+        elif np.abs(array).max() > 1000:
             changed[7] += np.sign(changed[7]) * (np.abs(changed[7]) // 50)
-            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(changed, init.name))
-            return init.name
-    raise AssertionError(f"no per-channel multiplier under {prefix}")
+        else:
+            continue
+        model.graph.initializer[index].CopyFrom(numpy_helper.from_array(changed, init.name))
+        return init.name
+    raise AssertionError(f"no per-channel requantization constant under {prefix}")
 
 
 def test_report_names_tampered_site(trained_bundle, tmp_path):
