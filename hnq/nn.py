@@ -22,9 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto
 
-from onnx_ops.common import RoundDivHalfEven
+from onnx_ops.common import FloorDiv, IntegerSqrt, RoundDivHalfEven
 
-from .intops import FLOAT64_EXACT_LIMIT, round_shift
+from .intops import FLOAT64_EXACT_LIMIT, POWERS_OF_TWO, round_shift
 from .onnx_builder import GraphBuilder
 from .onnx_builder import onnx_dtype as onnx_elem_type
 from .quant import OBSERVER_MOMENTUM, ActQuantizer, QTensor, fake_quantize, fake_quantize_weight, quantize_weight, safe_dyadic, weight_scales
@@ -707,6 +707,10 @@ class GeluSite(SchemeSite):
                                                                     max(abs(c.output_min), abs(c.output_max))))
 
 
+# LayerNorm schemes that the CPU export lowers in float64 (LayerNormSite.float64_onnx).
+FLOAT64_LAYERNORM_SCHEMES = ("ibert", "ivit")
+
+
 class LayerNormSite(SchemeSite):
     """LayerNorm: the scheme normalizes, then a per-channel dyadic applies gamma and beta."""
 
@@ -785,10 +789,52 @@ class LayerNormSite(SchemeSite):
 
     def to_onnx(self, b: GraphBuilder, x: QTensor) -> QTensor:
         c = self.constants(x)
-        n = self.run_scheme_onnx(b, x, c)
+        n = self.float64_onnx(b, x, c)
+        if n is None:
+            n = self.run_scheme_onnx(b, x, c)
         m, s, offset = self.affine_params(c)
         q = self.out_quant
         n_bound = max(abs(c.output_min), abs(c.output_max))
         y = QTensor(b.requantize(n, m, s, q.code_min, q.code_max, offset=offset, bound=n_bound), q.scale, q.bits,
                     q.signed)
         return self.record_onnx_output(b, y)
+
+    def float64_onnx(self, b: GraphBuilder, x: QTensor, c: SchemeConstants) -> str | None:
+        """CPU lowering of I-BERT's and I-ViT's LayerNorm in float64; None where it does not apply.
+
+        Both compute n = floor(y floor(N / std) / 2) with std = floor(sqrt(max(sum y^2, 1))),
+        N = c["numerator"]. Their Newton iterations differ but both end at that floor (each
+        scheme proves its step count), so `IntegerSqrt` serves both. n is returned as
+        float64 integers, marked (DOUBLE, 0), so the requantization that follows reads it
+        without a Cast. The full-tensor steps (y, y^2, its row sum, y * factor / 2 and the
+        floor) run on integers, or halves of integers, below 2^53, which float64 holds
+        exactly. The scheme bounds give |y * factor| <= N and sum(y^2) < 2^53, and the row
+        sum of the stored codes is checked here. Mean, square root and factor are per row
+        and stay in int64.
+        """
+        if b.target != "cpu" or self.scheme.name not in FLOAT64_LAYERNORM_SCHEMES:
+            return None
+        dtype, z = b.form(x.value)
+        length = c.site_input.length
+        if length * (max(abs(x.code_min), x.code_max) + abs(z)) >= FLOAT64_EXACT_LIMIT:
+            return None
+        b.site_tensors[self.site_name] = {"input": b.site_tensor(x.value), "scheme": self.scheme.name}
+        stored = b.node("Cast", [x.value], to=TensorProto.DOUBLE)
+
+        # The half-up mean of the stored values x + z is mean(x) + z, because z is an integer,
+        # so y = (x + z) - (mean + z) needs no separate offset step.
+        axes = b.const([-1])
+        total = b.cast(b.node("ReduceSum", [stored, axes], keepdims=1), TensorProto.INT64)
+        mean = b.call(FloorDiv, [b.node("Add", [b.node("Mul", [total, b.const(2)]), b.const(length)]),
+                                 b.const(2 * length)])
+        y = b.node("Sub", [stored, b.node("Cast", [mean], to=TensorProto.DOUBLE)])
+        b.site_tensors[self.site_name]["node"] = b.last_node_name
+
+        variance = b.node("ReduceSum", [b.node("Mul", [y, y]), axes], keepdims=1)
+        variance = b.node("Max", [b.cast(variance, TensorProto.INT64), b.const(1)])
+        powers = b.const(np.array(POWERS_OF_TWO, dtype=np.int64), name="powers")
+        factor = b.node("Div", [b.const(c["numerator"]), b.call(IntegerSqrt, [variance, powers])])
+        half_factor = b.node("Mul", [b.node("Cast", [factor], to=TensorProto.DOUBLE),
+                                     b.const(0.5, dtype=np.float64)])
+        n = b.node("Floor", [b.node("Mul", [y, half_factor])])
+        return b.mark(n, TensorProto.DOUBLE, 0)

@@ -215,8 +215,8 @@ class GraphBuilder:
                        offset=None) -> str | None:
         """CPU lowering of clamp(round_half_up((sum_i x_i m_i + offset) / 2^s), lo, hi) in float64.
 
-        `terms` contains (x, m, bound): codes in any form (`forms`), a multiplier (scalar or per
-        channel) and the largest |code|. Returns code - lo like `_requantize_shift` does, or
+        `terms` contains (x, m, bound): codes in any form (`forms`, including float64 integers
+        marked DOUBLE), a multiplier (scalar or per channel) and the largest |code|. Returns code - lo like `_requantize_shift` does, or
         None when an intermediate could reach 2^53 or the range has 2^31 codes or more.
 
         With P = sum_i x_i m_i + offset + 2^(s-1) + (-lo) 2^s, an integer, the graph forms
@@ -250,7 +250,7 @@ class GraphBuilder:
         for x, multiplier, _ in terms:
             m = np.asarray(multiplier, dtype=np.int64)
             constant = constant - self.form(x)[1] * m  # x stores code + z, and (x - z) m = x m - z m
-            term = self.node("Cast", [x], to=TensorProto.DOUBLE)
+            term = x if self.form(x)[0] == TensorProto.DOUBLE else self.node("Cast", [x], to=TensorProto.DOUBLE)
             factor = m * step
             if not np.all(factor == 1.0):
                 term = self.node("Mul", [term, self.const(factor, dtype=np.float64)])

@@ -211,3 +211,32 @@ def test_safe_dyadic_output_bound_sets_room():
     b = GraphBuilder(target="cpu")
     x = b.add_input("x", TensorProto.INT64, ["rows", "columns"])
     assert b.requantize_sum([(x, d.multiplier, 2**31)], d.shift, -128, 127) is not None
+
+
+@pytest.mark.parametrize("scheme", ["ibert", "ivit"])
+def test_layernorm_float64_equals_reference(scheme):
+    """16-bit residual codes stored as int32 code + 2^15, with random, constant and extreme rows."""
+    from hnq.nn import LayerNormSite
+
+    length = 96
+    norm = torch.nn.LayerNorm(length)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(length, generator=generator) * 4 - 2)
+        norm.bias.copy_(torch.rand(length, generator=generator) * 2 - 1)
+    site = calibrated_site(LayerNormSite(norm, 8), scheme, 0.0)
+    site.out_quant.running_absmax.fill_(3.0)
+    lo, hi = -(2**15), 2**15 - 1
+    rows = torch.cat([torch.randint(lo, hi + 1, (8, length), generator=generator),
+                      torch.randint(-40, 41, (4, length), generator=generator),
+                      torch.full((1, length), 123), torch.full((1, length), lo),
+                      torch.tensor([lo, hi]).repeat(length // 2)[None]])
+    x = QTensor(rows, 0.01, 16, True)
+    expected = site.integer_forward(x).value
+
+    b = GraphBuilder(target="cpu")
+    y = site.to_onnx(b, QTensor(stored_input(b, 16), x.scale, 16, True))
+    assert "Floor" in graph_ops(b), "the float64 path did not apply"
+    assert not any(node.domain == "hnq" and "LayerNorm" in node.op_type for node in b.nodes)
+    got = run_graph(b, y.value, {"x": rows.numpy()})
+    assert np.array_equal(got, expected.numpy())
