@@ -535,8 +535,7 @@ class SoftmaxSite(SchemeSite):
             return None
         if b.form(x.value) != (TensorProto.UINT8, -x.code_min):
             return None
-        dtype = self.onnx_dtype(c)
-        np_dtype = np.int32 if dtype == TensorProto.INT32 else np.int64
+        self.onnx_dtype(c)  # raises UnsafeSiteError where a scheme bound passes 2^62
         b.site_tensors[self.site_name] = {"input": b.site_tensor(x.value), "scheme": scheme.name}
         stored = x.value
         if mask is not None:
@@ -544,15 +543,13 @@ class SoftmaxSite(SchemeSite):
         values = b.cast(stored, TensorProto.INT32)
         row_diff = b.node("Sub", [b.node("ReduceMax", [values, b.const([-1])], keepdims=1), values])
         table = scheme.exp_table(c)
-        # onnxruntime's ReduceSum is about 3x faster on int32 than on int64, and exact while
-        # the row sum (at most the largest exponential times the row length) fits int32.
-        sum_in_int32 = int(table.max()) * c.site_input.length < 2**31
-        exp = lookup_onnx(b, table.astype(np.int32 if sum_in_int32 else np_dtype), row_diff,
-                          name=f"{scheme.name}_exp_table")
+        if int(table.max()) * c.site_input.length >= FLOAT64_EXACT_LIMIT:
+            return None
+        # The exponentials are read as float64, so the normalization below needs no Cast, and
+        # their row sum is exact because every partial sum is an integer below 2^53.
+        exp = lookup_onnx(b, table.astype(np.float64), row_diff, name=f"{scheme.name}_exp_table")
         b.site_tensors[self.site_name]["node"] = b.last_node_name
-        total = b.node("ReduceSum", [exp, b.const([-1])], keepdims=1)
-        if sum_in_int32 and np_dtype != np.int32:
-            total = b.cast(total, dtype)
+        total = b.cast(b.node("ReduceSum", [exp, b.const([-1])], keepdims=1), TensorProto.INT64)
 
         # Both schemes give floor(exp * factor / 2^(32 - k)) capped at output_max, with
         # factor = floor(2^32 / sum) for I-BERT and floor((2^31 - 1) / min(sum, 2^31 - 1)) for
@@ -562,21 +559,19 @@ class SoftmaxSite(SchemeSite):
         if scheme.name == "ivit":
             from .schemes.ivit import INT32_MAX
 
-            limit = b.const(_constant_for_dtype(INT32_MAX, np_dtype), dtype=np_dtype)
+            limit = b.const(INT32_MAX)
             factor = b.node("Div", [limit, b.node("Min", [total, limit])])
         else:
-            total64 = total if np_dtype == np.int64 else b.cast(total, TensorProto.INT64)
-            factor = b.node("Div", [b.const(2**scheme.MAX_BIT), total64])
+            factor = b.node("Div", [b.const(2**scheme.MAX_BIT), total])
         step = b.const(2.0 ** -(32 - c["output_bits"]), dtype=np.float64)
         scaled_factor = b.node("Mul", [b.node("Cast", [factor], to=TensorProto.DOUBLE), step])
-        value = b.node("Mul", [b.node("Cast", [exp], to=TensorProto.DOUBLE), scaled_factor])
+        value = b.node("Mul", [exp, scaled_factor])
         clipped = b.node("Clip", [value, b.const(0.0, dtype=np.float64),
                                   b.const(c.output_max + 0.5, dtype=np.float64)])
         out = b.node("Cast", [clipped], to=TensorProto.UINT8)
         if mask is not None:
             out = b.node("Where", [mask, b.const(0, dtype=np.uint8), out])
         return b.mark(out, TensorProto.UINT8, 0)
-
 
     def ratio_table_onnx(self, b: GraphBuilder, x: QTensor, c: SchemeConstants) -> str | None:
         """CPU lowering of FQ-ViT's Log-Int-Softmax with two tables; None where it does not apply.
