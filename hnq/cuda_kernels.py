@@ -133,6 +133,7 @@ _OPS = [
         (13, None, {"T": _FLOATS_BF16 | {"int8", "int16", "int32", "int64"}}),
         (6, 12, {"T": _FLOATS | {"int8", "int16", "int32", "int64"}})),
     _op("Sign", _UNARY, (13, None, {"T": _ALL_NUMERIC})),
+    _op("Floor", _UNARY, (13, None, {"T": _FLOATS}), (6, 12, {"T": _FLOATS})),
     _op("Min", _VARIADIC, (13, None, {"T": _ARITHMETIC_13}), (12, 12, {"T": _ARITHMETIC_13}),
         (6, 11, {"T": _FLOATS_BF16})),
     _op("Max", _VARIADIC, (13, None, {"T": _ARITHMETIC_13}), (12, 12, {"T": _ARITHMETIC_13}),

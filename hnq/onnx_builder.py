@@ -54,7 +54,8 @@ def lowering_target(target: str):
     """Make GraphBuilders created inside the block lower for `target` ("cpu" or "cuda").
 
     The CPU lowering keeps 8-bit activations as uint8 (code + 128) between steps, feeds
-    MatMulInteger u8 x s8 and shifts with BitShift on uint64. The CUDA lowering uses only
+    MatMulInteger u8 x s8 and requantizes in float64 where that is exact (else with
+    BitShift on uint64). The CUDA lowering uses only
     ops and types that onnxruntime's CUDA provider implements for integers: s8 x s8
     MatMulInteger, Div-based shifts, Max/Min clamps and no BitShift or Bitwise ops.
     """

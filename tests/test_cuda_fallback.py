@@ -97,8 +97,8 @@ def test_cast_like_checked_as_cast():
 @pytest.mark.slow
 def test_cpu_target_export_fallbacks_listed(trained_bundle):
     """The CPU lowering feeds u8 x s8 MatMulInteger, which CUDA lacks. Its requantizations of
-    this model all run in float64 (Cast, Mul, Add, Clip), which CUDA has, so no BitShift on
-    uint64 is left to fall back."""
+    this model all run in float64 (Cast, Mul, Add, Clip, and Floor in LayerNorm), which CUDA
+    has, so no BitShift on uint64 is left to fall back."""
     fallbacks = find_cuda_fallbacks(onnx.load(str(trained_bundle.onnx)))
     by_op = {}
     for fallback in fallbacks:
