@@ -347,6 +347,8 @@ def _check_cuda_kernels(path: Path) -> None:
 
     fallbacks = find_cuda_fallbacks(onnx.load(str(path)))
     if not fallbacks:
+        click.echo(f"CUDA kernel check passed: every node has a CUDA kernel in onnxruntime's table "
+                   f"(commit {KERNEL_TABLE_COMMIT[:12]})")
         return
     click.echo(f"error: {len(fallbacks)} nodes of {path} would run on the CPU under onnxruntime's CUDA provider "
                f"(kernel table at commit {KERNEL_TABLE_COMMIT}):", err=True)
@@ -365,7 +367,8 @@ def _check_cuda_kernels(path: Path) -> None:
               help="Checkpoint holding the PyTorch integer reference (default: the one recorded at export).")
 @click.option("--no-reference", is_flag=True, help="Skip the PyTorch reference and the bit-exact check.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per batch.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate only the first N images.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate only the first N images in folder order (class folders sorted by name), "
+                   "so a small N may cover only the first class.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="onnxruntime execution provider; auto takes CUDA where present.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the report as JSON.")
