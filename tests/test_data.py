@@ -681,3 +681,20 @@ def test_scan_folder_indices_missing_folder(tmp_path):
     with pytest.raises(DataError) as error:
         scan_image_folder(tmp_path, folder_indices={"n01": 0})
     assert "extra" in str(error.value)
+
+
+def test_written_image_folder_follows_umask(tmp_path):
+    """The image folder is made in a 0700 temporary folder and renamed; the result must not stay 0700."""
+    import os
+
+    import numpy as np
+
+    from hnq.data import write_image_folder
+
+    images = np.zeros((2, 28, 28), dtype=np.uint8)
+    previous = os.umask(0o022)
+    try:
+        write_image_folder(images, np.array([0, 1]), ["a", "b"], tmp_path / "out", progress=False)
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
