@@ -290,8 +290,8 @@ def write_image_folder(
         class_folder_name(index, name, len(class_names)) for index, name in enumerate(class_names)
     ]
     temporary_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    # mkdtemp creates the folder with mode 0700, and the rename keeps it; give the finished
-    # folder the permissions a plain mkdir would have under the current umask.
+    # mkdtemp creates the folder with mode 0700, and the rename keeps that mode. So the
+    # folder gets the permissions that a plain mkdir would give under the current umask.
     umask = os.umask(0)
     os.umask(umask)
     temporary_dir.chmod(0o777 & ~umask)

@@ -554,8 +554,7 @@ class SoftmaxSite(SchemeSite):
         # Both schemes give floor(exp * factor / 2^(32 - k)) capped at output_max, with
         # factor = floor(2^32 / sum) for I-BERT and floor((2^31 - 1) / min(sum, 2^31 - 1)) for
         # I-ViT. The product is at most 2^32 (scheme bounds), so it and its scaling by
-        # 2^-(32 - k) are exact in float64. Clip to output_max + 1/2 and the truncating Cast
-        # then give the capped floor, as in GraphBuilder.requantize_sum.
+        # 2^-(32 - k) are exact in float64, and `clamped_floor` gives the capped floor.
         if scheme.name == "ivit":
             from .schemes.ivit import INT32_MAX
 
@@ -566,9 +565,7 @@ class SoftmaxSite(SchemeSite):
         step = b.const(2.0 ** -(32 - c["output_bits"]), dtype=np.float64)
         scaled_factor = b.node("Mul", [b.node("Cast", [factor], to=TensorProto.DOUBLE), step])
         value = b.node("Mul", [exp, scaled_factor])
-        clipped = b.node("Clip", [value, b.const(0.0, dtype=np.float64),
-                                  b.const(c.output_max + 0.5, dtype=np.float64)])
-        out = b.node("Cast", [clipped], to=TensorProto.UINT8)
+        out = b.clamped_floor(value, c.output_max, TensorProto.UINT8)
         if mask is not None:
             out = b.node("Where", [mask, b.const(0, dtype=np.uint8), out])
         return b.mark(out, TensorProto.UINT8, 0)
@@ -802,7 +799,7 @@ class LayerNormSite(SchemeSite):
         scheme proves its step count), so `IntegerSqrt` serves both. n is returned as
         float64 integers, marked (DOUBLE, 0), so the requantization that follows reads it
         without a Cast. The full-tensor steps (y, y^2, its row sum, y * factor / 2 and the
-        floor) run on integers, or halves of integers, below 2^53, which float64 holds
+        floor) run on integers, or halves of integers, below 2^53, which float64 represents
         exactly. The scheme bounds give |y * factor| <= N and sum(y^2) < 2^53, and the row
         sum of the stored codes is checked here. Mean, square root and factor are per row
         and stay in int64.
